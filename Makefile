@@ -1,0 +1,50 @@
+# The commands the README names. Everything lives in .venv/ inside the repo.
+# `make lab`: set up and open the course.  `make test`: set up and run every test.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Where to copy names.txt from (CI passes ../shared/data/names.txt); see data/README.md.
+BACKPROP_NINJA_NAMES ?=
+export BACKPROP_NINJA_NAMES
+
+.PHONY: install install-test data lab test lint build build-check browser-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps: a second run installs nothing unless pyproject.toml or constraints.txt changed.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+data: $(VENV)/.installed
+	$(BIN)/backprop-ninja data
+
+lab: data
+	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check backprop_ninja tests benchmarks
+
+test: install-test data lint
+	$(BIN)/python -m pytest
+
+build: data
+	$(BIN)/backprop-ninja build
+
+build-check: data
+	$(BIN)/backprop-ninja build --check
+
+# Debian's Chromium for the browser test (root, as on CI); a no-op when present.
+browser-deps:
+	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

