@@ -22,13 +22,13 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _grade(args: argparse.Namespace) -> int:
-    from backprop_ninja.grading import run_grade
+    from backprop_ninja.autograde import run_grade
 
     return run_grade(args.paths, as_json=args.json)
 
 
 def _autograde(args: argparse.Namespace) -> int:
-    from backprop_ninja.grading import run_autograde
+    from backprop_ninja.autograde import run_autograde
 
     return run_autograde(args.submissions, jobs=args.jobs, out=args.out)
 
