@@ -27,8 +27,12 @@ install-test: $(VENV)/.installed-test
 data: $(VENV)/.installed
 	$(BIN)/backprop-ninja data
 
+# JupyterLab refuses to run as root unless told; containers and CI machines often are root.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
+LAB_ARGS ?=
+
 lab: data
-	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks
+	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(ALLOW_ROOT) $(LAB_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check backprop_ninja tests benchmarks
