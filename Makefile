@@ -35,7 +35,7 @@ lab: data
 	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(ALLOW_ROOT) $(LAB_ARGS)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check backprop_ninja tests benchmarks
+	$(BIN)/ruff check backprop_ninja tests benchmarks conftest.py
 
 test: install-test data lint
 	$(BIN)/python -m pytest
