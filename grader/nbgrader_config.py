@@ -1,0 +1,22 @@
+# nbgrader course "backprop-ninja": one assignment, `backprop`, four notebooks in source/backprop/.
+# Run nbgrader from this directory (or from a scratch copy of it: nothing here names a path).
+c = get_config()  # noqa: F821  (nbgrader injects get_config)
+
+c.CourseDirectory.course_id = "backprop-ninja"
+
+# A learner's solution cell becomes this stub in the released notebooks.
+c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
+
+# Per-cell time limits when validating and autograding. Notebook 04 trains for a bounded
+# number of steps under nbgrader (NBGRADER_EXECUTION is set), so no cell needs long; the limit
+# catches a submission that loops forever.
+c.Execute.timeout = 180
+c.ExecutePreprocessor.timeout = 180
+c.Execute.interrupt_on_timeout = True
+
+# A learner who deleted a graded cell gets it back (and scores what it scores) instead of an
+# autograde crash.
+c.OverwriteCells.add_missing_cells = True
+
+# The hidden tests print a short explanation; keep it readable in the feedback.
+c.LimitOutput.max_lines = 200
