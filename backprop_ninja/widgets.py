@@ -47,7 +47,7 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
 def heatmap_figure(d: Diagnosis) -> Figure:
     """Learner's gradient, autograd's and their difference, side by side (same colour scale
     for the first two, so a sign flip or a factor shows at a glance)."""
-    fig = Figure(figsize=(10.5, 2.8))
+    fig = Figure(figsize=(6.2, 7.4))
     name = f"d{variable_name(d.name)}"
     exp = _as_2d(d.expected) if d.expected is not None else None
     got = _as_2d(d.got) if d.got is not None else None
@@ -60,9 +60,9 @@ def heatmap_figure(d: Diagnosis) -> Figure:
         panels.append(("yours - autograd", diff, float(diff.abs().max()) or 1.0))
     else:
         panels.append(("yours - autograd", None, 1.0))
-    axes = fig.subplots(1, 3)
+    axes = fig.subplots(3, 1)
     for ax, (title, data, vm) in zip(axes, panels):
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
         if data is None:
@@ -72,8 +72,9 @@ def heatmap_figure(d: Diagnosis) -> Figure:
             continue
         im = ax.imshow(data.numpy(), cmap="RdBu_r", vmin=-vm, vmax=vm, aspect="auto",
                        interpolation="nearest")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
-    fig.suptitle(f"{name}: {d.status}" + (f" ({d.mistake})" if d.mistake else ""), fontsize=10, y=1.05)
+        fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=8)
+    fig.suptitle(f"{name}: {d.status}" + (f" ({d.mistake})" if d.mistake else ""), fontsize=11)
+    fig.tight_layout()
     return fig
 
 
@@ -97,16 +98,20 @@ class ReportWidget(W.VBox):
         rows = []
         for d in report.rows:
             b = W.Button(description=d.name, tooltip=d.hint or d.status,
-                         layout=W.Layout(width="150px", height="26px"))
+                         layout=W.Layout(width="150px", min_width="150px", height="26px"))
             b.style.button_color = STATUS_COLOURS.get(d.status, "#ffffff")
             b.style.text_color = "white" if d.status in ("exact", "wrong", "not finite") else "black"
             b.on_click(lambda _b, name=d.name: self.select(name))
             self.buttons[d.name] = b
-            rows.append(W.HBox([b, W.HTML(_row_html(d))], layout=W.Layout(height="28px")))
-        self.table = W.VBox(rows, layout=W.Layout(min_width="480px"))
+            row = W.HBox([b, W.HTML(_row_html(d), layout=W.Layout(min_width="360px"))],
+                         layout=W.Layout(height="28px"))
+            row.add_class("backprop-ninja-row")
+            rows.append(row)
+        self.table = W.VBox(rows, layout=W.Layout(min_width="540px"))
         self.caption = W.HTML("")
+        self.caption.add_class("backprop-ninja-caption")
         self.detail = W.Output(layout=W.Layout(min_height="240px"))
-        right = W.VBox([self.caption, self.detail])
+        right = W.VBox([self.caption, self.detail], layout=W.Layout(max_width="640px"))
         super().__init__([self.summary, W.HBox([self.table, right])], **kwargs)
         self.add_class("backprop-ninja-report")
         start = first or (report.rows[0].name if report.rows else None)
@@ -146,7 +151,8 @@ def _escape(s: str) -> str:
 def _row_html(d: Diagnosis) -> str:
     colour = STATUS_COLOURS.get(d.status, "#000")
     diff = "" if d.max_abs_diff != d.max_abs_diff else f"maxdiff {d.max_abs_diff:.1e}"
-    mistake = f" &middot; {_escape(d.mistake)}" if d.mistake else ""
+    label = d.mistake.replace("inherited ", "") if d.status == "inherited" and d.mistake else d.mistake
+    mistake = f" &middot; {_escape(label)}" if label else ""
     return (f"<span style='font-family:monospace;color:{colour};font-weight:bold'>{d.status:11s}</span>"
             f"<span style='font-family:monospace;color:#424242'> {diff}{mistake}</span>")
 
