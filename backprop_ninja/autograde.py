@@ -32,6 +32,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +73,7 @@ class NotebookResult:
     feedback: str | None = None         # HTML feedback path (inside the job dir until copied)
     autograded: str | None = None       # the autograded notebook (inside the job dir)
     graded: bool = False                # nbgrader autograded it (False: missing/unreadable/killed)
+    seconds: float = 0.0                # wall-clock time of its grading job
 
 
 @dataclass
@@ -169,9 +171,10 @@ def _kill_kernels(pid_dir: Path) -> None:
 def _nbgrader_classes():
     """Preprocessor classes defined lazily: importing nbgrader takes seconds."""
     from nbclient.exceptions import DeadKernelError
-    from nbformat.notebooknode import NotebookNode
+    from nbformat.notebooknode import NotebookNode, from_dict
     from nbgrader import utils
-    from nbgrader.preprocessors import ClearHiddenTests, Execute
+    from nbgrader.preprocessors import ClearHiddenTests, Execute, OverwriteCells
+    from traitlets import Unicode
 
     def error(ename: str, evalue: str) -> NotebookNode:
         return NotebookNode(output_type="error", ename=ename, evalue=evalue,
@@ -200,6 +203,67 @@ def _nbgrader_classes():
                     "crashed, or ran out of its memory or CPU limit); nothing after it ran."))
                 return cell, resources
 
+    class RestoreCells(OverwriteCells):
+        """nbgrader's OverwriteCells, hardened against a learner who edited or deleted cells.
+
+        A cell carrying a source cell's id first gets that cell's nbgrader flags back
+        (grade/solution/locked/points: otherwise an unlocked or un-graded test cell fails
+        nbgrader's checksum check and the whole notebook with it); then nbgrader restores
+        its source. Every missing graded *or read-only* cell (the set-up cell that imports
+        the grading helpers first, the forward pass ...) is put back after the nearest
+        source cell still present (nbgrader's own placement assumes that neighbour is a
+        graded or answer cell and crashes otherwise).
+        """
+
+        source_dir = Unicode("", help="the assignment's source notebooks (for cell order)").tag(
+            config=True)
+
+        def _source(self):
+            if not hasattr(self, "_cells"):
+                nb = self.gradebook.find_notebook(self.notebook_id, self.assignment_id)
+                grades = {c.name: c.max_score for c in nb.grade_cells}
+                answers = {c.name for c in nb.solution_cells}
+                tasks = {c.name for c in nb.task_cells}
+                self._cells = {c.name: c for c in nb.source_cells}
+                self._flags = {name: {"grade": name in grades, "solution": name in answers,
+                                      "locked": cell.locked, "task": name in tasks,
+                                      **({"points": grades[name]} if name in grades else {})}
+                               for name, cell in self._cells.items()}
+                self._grades = grades
+                path = Path(self.source_dir) / f"{self.notebook_id}.ipynb"
+                order = [c.metadata.get("nbgrader", {}).get("grade_id")
+                         for c in nbformat_read(path).cells] if path.exists() else list(self._cells)
+                self._order = [name for name in order if name in self._cells]
+            return self._cells
+
+        def preprocess_cell(self, cell, resources, index):
+            grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+            if grade_id in self._source():
+                flags = self._flags[grade_id]
+                cell.metadata.nbgrader.update(flags)
+                if "points" not in flags:
+                    cell.metadata.nbgrader.pop("points", None)
+            return super().preprocess_cell(cell, resources, index)
+
+        def add_missing_grade_cells(self, nb, resources):
+            cells = self._source()
+            answers = {name for name, flags in self._flags.items() if flags["solution"]}
+            for name in self._order:
+                present = {c.metadata.get("nbgrader", {}).get("grade_id"): i for i, c in enumerate(nb.cells)
+                           if c.metadata.get("nbgrader", {}).get("grade_id")}
+                if name in present or not (name in self._grades or cells[name].locked):
+                    continue
+                self.log.warning("Missing cell %s: adding it back", name)
+                before = self._order[: self._order.index(name)]
+                where = next((present[p] + 1 for p in reversed(before) if p in present), 0)
+                added = from_dict(self.missing_cell_transform(cells[name], self._grades.get(name, 0),
+                                                              is_solution=name in answers))
+                if name not in self._grades:  # a read-only cell: not graded, still locked
+                    added.metadata.nbgrader.update(self._flags[name])
+                    added.metadata.nbgrader.pop("points", None)
+                nb.cells.insert(where, added)
+            return nb, resources
+
     class HideHiddenTests(ClearHiddenTests):
         """Feedback step: test cells keep their verdict and the reason, never their
         hidden source. Removes the ``BEGIN/END HIDDEN TESTS`` region (nbgrader's own
@@ -216,7 +280,13 @@ def _nbgrader_classes():
                     out.traceback = _strip_cell_frames(out, cell.get("execution_count"))
             return cell, resources
 
-    return SandboxedExecute, HideHiddenTests
+    return SandboxedExecute, HideHiddenTests, RestoreCells
+
+
+def nbformat_read(path: Path):
+    import nbformat
+
+    return nbformat.read(str(path), as_version=4)
 
 
 def _strip_cell_frames(out, execution_count) -> list[str]:
@@ -237,7 +307,7 @@ def _job_config(root: Path, limits: Limits):
     from traitlets.config import Config
     from traitlets.config.loader import PyFileConfigLoader
 
-    sandboxed_execute, hide_hidden_tests = _nbgrader_classes()
+    sandboxed_execute, hide_hidden_tests, restore_cells = _nbgrader_classes()
     config = Config()
     if (root / "nbgrader_config.py").exists():
         config.merge(PyFileConfigLoader("nbgrader_config.py", path=str(root)).load_config())
@@ -259,6 +329,12 @@ def _job_config(root: Path, limits: Limits):
              or Autograde.class_traits()["autograde_preprocessors"].make_dynamic_default())
     c.Autograde.autograde_preprocessors = [sandboxed_execute if getattr(p, "__name__", p) == "Execute"
                                            or p == "nbgrader.preprocessors.Execute" else p for p in steps]
+    steps = (config.Autograde.get("sanitize_preprocessors")
+             or Autograde.class_traits()["sanitize_preprocessors"].make_dynamic_default())
+    c.Autograde.sanitize_preprocessors = [restore_cells if getattr(p, "__name__", p) == "OverwriteCells"
+                                          or p == "nbgrader.preprocessors.OverwriteCells" else p
+                                          for p in steps]
+    c.RestoreCells.source_dir = str(root / "source" / ASSIGNMENT)
     c.GenerateFeedback.preprocessors = [GetGrades, hide_hidden_tests, CSSHTMLHeaderPreprocessor]
     config.merge(c)
     return config
@@ -288,8 +364,8 @@ def _enter_job(root: Path) -> None:
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     handler = logging.StreamHandler(log)
-    handler.setFormatter(logging.Formatter("[%(name)s %(levelname)s] %(message)s"))
-    for name in ("traitlets", "NbGrader", ""):
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s] %(message)s"))
+    for name in ("",):  # traitlets and nbgrader loggers propagate here
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
 
@@ -371,14 +447,15 @@ def first_problem(autograded: Path) -> str | None:
         grade_id = cell.metadata["nbgrader"]["grade_id"]
         stderr = [o.text for o in cell.outputs if o.output_type == "stream" and o.name == "stderr"]
         stdout = [o.text for o in cell.outputs if o.output_type == "stream" and o.name == "stdout"]
-        if earlier is not None and (not errors or errors[0].ename in ("NameError", "NotRun")):
+        if earlier is not None and errors and errors[0].ename in ("NameError", "NotRun"):
             text = earlier
         elif errors:
             text = f"{errors[0].ename}: {errors[0].evalue}"
         elif stderr:
             text = "wrote to stderr (nbgrader fails such a test): " + "".join(stderr)
-        elif stdout:
-            text = [line for line in "".join(stdout).splitlines() if line.strip()][-1]
+        elif stdout:  # grading.py prints a summary, then one line per problem
+            lines = [line for line in "".join(stdout).splitlines() if line.strip()]
+            text = next((line for line in lines if line.startswith(("Score 0", " "))), lines[0])
         else:
             text = f"partial credit {score:g}/{max_score:g}"
         return f"{grade_id}: {_one_line(text)}"
@@ -421,27 +498,61 @@ def _run_process(target, args: tuple, timeout: float, pid_dir: Path | None = Non
     return proc.exitcode
 
 
+def _cache_key(course: Path) -> str:
+    """Changes whenever the course's config or source or nbgrader's version does."""
+    import hashlib
+    from importlib.metadata import version
+
+    h = hashlib.sha256(f"nbgrader {version('nbgrader')} python {sys.version_info[:2]}".encode())
+    files = [course / "nbgrader_config.py", *sorted((course / "source" / ASSIGNMENT).rglob("*"))]
+    for path in files:
+        if path.is_file() and ".ipynb_checkpoints" not in path.parts and "__pycache__" not in path.parts:
+            h.update(str(path.relative_to(course)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:20]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "backprop-ninja" / "courses"
+
+
 def prepare_course(scratch: Path, course: Path = COURSE, limits: Limits = Limits()) -> Path:
-    """``scratch/template``: grader's config and source, released by ``nbgrader generate_assignment``
-    (its gradebook holds every test cell, hidden tests included), and the sandbox kernelspec."""
+    """A released copy of the course: grader's config and source, after ``nbgrader
+    generate_assignment`` (its gradebook holds every test cell, hidden tests included) and
+    ``max_scores.json``. Read-only once made; cached by content (``~/.cache/backprop-ninja``),
+    since making it costs seconds; the sandbox kernelspec goes to ``scratch/jupyter``."""
+    course = Path(course)
+    _write_kernelspec(Path(scratch) / "jupyter", limits)
+    key = _cache_key(course)
+    cached = _cache_dir() / key
+    if (cached / "max_scores.json").exists():
+        return cached
     template = Path(scratch) / "template"
     template.mkdir(parents=True)
-    course = Path(course)
     if (course / "nbgrader_config.py").exists():
         shutil.copy2(course / "nbgrader_config.py", template / "nbgrader_config.py")
     shutil.copytree(course / "source" / ASSIGNMENT, template / "source" / ASSIGNMENT,
                     ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
-    _write_kernelspec(template / "jupyter", limits)
     code = _run_process(_generate_assignment_job, (str(template), asdict(limits)), timeout=300)
-    if code != 0 or not (template / "gradebook.db").exists():
+    if code != 0 or not (template / "max_scores.json").exists():
         log = (template / "nbgrader.log").read_text() if (template / "nbgrader.log").exists() else ""
         raise UserError(f"nbgrader generate_assignment failed on {course} (see its log: "
                         f"{_one_line(log[-300:])}).")
+    with contextlib.suppress(OSError):  # no cache (read-only home, a concurrent run won): fine
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = cached.parent / f".{key}.{os.getpid()}"
+        shutil.copytree(template, staging)
+        try:
+            os.rename(staging, cached)
+            return cached
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if (cached / "max_scores.json").exists():
+                return cached
     return template
 
 
-def grade_notebook(template: Path, job_dir: Path, student: str, stem: str, notebook: Path,
-                   limits: Limits) -> NotebookResult:
+def grade_notebook(template: Path, jupyter_dir: Path, job_dir: Path, student: str, stem: str,
+                   notebook: Path, limits: Limits) -> NotebookResult:
     """Autograde one submitted notebook in ``job_dir`` (a copy of the template course)."""
     result = NotebookResult(student=student, stem=stem)
     job_dir.mkdir(parents=True)
@@ -452,9 +563,11 @@ def grade_notebook(template: Path, job_dir: Path, student: str, stem: str, noteb
     submitted = job_dir / "submitted" / student / ASSIGNMENT
     submitted.mkdir(parents=True)
     shutil.copyfile(notebook, submitted / f"{stem}.ipynb")  # a copy: the learner's file is never touched
-    code = _run_process(_autograde_job, (str(job_dir), str(template / "jupyter"), student, stem,
+    started = time.perf_counter()
+    code = _run_process(_autograde_job, (str(job_dir), str(jupyter_dir), student, stem,
                                          asdict(limits)),
                         timeout=limits.notebook_timeout, pid_dir=job_dir / "kernel-pids")
+    result.seconds = time.perf_counter() - started
     if code is None:
         result.problem = (f"grading was stopped after {limits.notebook_timeout} s (the notebook's "
                           "wall-clock limit); nothing it computed counts.")
@@ -470,8 +583,11 @@ def grade_notebook(template: Path, job_dir: Path, student: str, stem: str, noteb
 
 
 def _log_reason(log: Path) -> str:
+    """The last exception line of a job's log (``KeyError: 'x'``), else its last ERROR line."""
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    errors = [line for line in lines if "ERROR" in line or "Error" in line]
+    errors = ([line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)
+               and "NbGraderException" not in line]
+              or [line for line in lines if "ERROR" in line])
     return _one_line(errors[-1] if errors else "no log was written") + "."
 
 
@@ -505,7 +621,8 @@ def _merge_job(gradebook: str, job_dir: str, student: str, stem: str) -> None:
 
     from nbgrader.api import Gradebook, MissingEntry
 
-    _enter_job(Path(job_dir))
+    job_dir, gradebook = Path(job_dir), Path(gradebook)
+    _enter_job(job_dir)
     warnings.simplefilter("ignore")  # SQLAlchemy's autoflush notices from nbgrader's add_submission
     with Gradebook(f"sqlite:///{job_dir / 'gradebook.db'}") as job, \
             Gradebook(f"sqlite:///{gradebook}") as main:
@@ -583,8 +700,9 @@ def autograde_class(submissions: Path, jobs: int = 1, out: Path | None = Path("a
         bar = tqdm(total=len(todo), desc="autograding", unit="notebook", disable=not progress or None)
         lock = threading.Lock()
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(grade_notebook, template, scratch / "jobs" / f"{k:04d}", student,
-                                   stem, path, limits): (k, student, stem)
+            futures = {pool.submit(grade_notebook, template, scratch / "jupyter",
+                                   scratch / "jobs" / f"{k:04d}", student, stem, path, limits):
+                       (k, student, stem)
                        for k, (student, stem, path) in enumerate(todo)}
             for fut in as_completed(futures):
                 k, student, stem = futures[fut]
