@@ -1,0 +1,124 @@
+"""How long one exercise-4 training step takes with each backward pass.
+
+    python benchmarks/train_step.py [--steps 200] [--rounds 15] [--json] [--no-memory]
+
+Times the FULL training step (minibatch draw, forward, backward, SGD update, loss.item()),
+batch 32, n_hidden 200, one torch thread, for
+  (a) autograd:  forward with a graph, then loss.backward()
+  (b) lecture:   the lecture's manual backward, Python double loop for dC
+  (c) course:    the course's fused backward (backprop_ninja.train.fused_backward)
+All three share the same forward and update code, so only the backward (and whether the
+forward records a graph) differs. The variants are interleaved: each round times
+``--steps`` steps of each in turn, so load from other processes on a shared machine hits
+them alike; the ratios a/c and b/c are taken per round and summarised min/median/max.
+
+Peak memory: each variant trains ``--memory-steps`` steps in a fresh subprocess and
+reports ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the process's peak resident set,
+which does see torch's allocations, unlike tracemalloc) before and after training; the
+difference is what training added on top of Python + torch + the dataset.
+
+With --json the last line printed is one JSON object with autograd_us, lecture_us,
+course_us (median µs per step) and speedup (autograd_us / course_us).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from backprop_ninja.train import LECTURE_STEPS, lecture_data, step_times, train
+
+VARIANTS = {"autograd": None, "lecture": "lecture", "course": "manual"}
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def memory_child(variant: str, steps: int) -> None:
+    """Runs in a subprocess: print peak RSS (MiB) before and after training ``steps`` steps."""
+    splits, itos = lecture_data()
+    train(VARIANTS[variant], 1, splits=splits, itos=itos, progress=False, calibrate_bn=False)
+    before = _maxrss_mb()
+    train(VARIANTS[variant], steps, splits=splits, itos=itos, progress=False, calibrate_bn=False)
+    print(json.dumps({"before_mb": before, "after_mb": _maxrss_mb()}))
+
+
+def peak_memory(steps: int) -> dict[str, dict]:
+    out = {}
+    for variant in VARIANTS:
+        proc = subprocess.run([sys.executable, __file__, "--_memory-child", variant, "--memory-steps",
+                               str(steps)], capture_output=True, text=True, check=True)
+        out[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def summary(values: list[float]) -> str:
+    return f"min {min(values):.2f}  median {statistics.median(values):.2f}  max {max(values):.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=200, help="steps per variant per round (default 200)")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
+    ap.add_argument("--memory-steps", type=int, default=2000,
+                    help="steps each memory subprocess trains (default 2000)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    ap.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.memory_child, args.memory_steps)
+        return 0
+
+    splits, _ = lecture_data()
+    print(f"torch {torch.__version__}, 1 thread, batch 32, n_hidden 200; full step timed "
+          f"(minibatch + forward + backward + update), {args.rounds} interleaved rounds of "
+          f"{args.steps} steps per variant", flush=True)
+    t0 = time.perf_counter()
+    times = step_times(VARIANTS, steps=args.steps, repeats=args.rounds, splits=splits)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    a_c = [a / c for a, c in zip(times["autograd"], times["course"])]
+    b_c = [b / c for b, c in zip(times["lecture"], times["course"])]
+    print(f"({time.perf_counter() - t0:.0f} s)\n")
+    print(f"{'variant':28s} {'median µs/step':>15s} {'min':>8s} {'max':>8s} {'200k steps':>11s}")
+    labels = {"autograd": "(a) autograd loss.backward()", "lecture": "(b) lecture (loop dC)",
+              "course": "(c) course fused backward"}
+    for k, label in labels.items():
+        print(f"{label:28s} {med[k]:15.0f} {min(times[k]):8.0f} {max(times[k]):8.0f} "
+              f"{med[k] * LECTURE_STEPS / 1e6:9.0f} s")
+    print(f"\n(a)/(c) speedup of the course backward over autograd, per round: {summary(a_c)}")
+    print(f"(b)/(c) speedup over the lecture's loop dC, per round:          {summary(b_c)}")
+    print(f"ratio of medians: (a)/(c) = {med['autograd'] / med['course']:.2f}, "
+          f"(b)/(c) = {med['lecture'] / med['course']:.2f}")
+
+    result = {"autograd_us": round(med["autograd"], 1), "lecture_us": round(med["lecture"], 1),
+              "course_us": round(med["course"], 1),
+              "speedup": round(med["autograd"] / med["course"], 3),
+              "speedup_per_round": {"min": round(min(a_c), 3), "median": round(statistics.median(a_c), 3),
+                                    "max": round(max(a_c), 3)},
+              "lecture_speedup": round(med["lecture"] / med["course"], 3),
+              "projected_200k_s": {k: round(v * LECTURE_STEPS / 1e6, 1) for k, v in med.items()}}
+    if not args.no_memory:
+        mem = peak_memory(args.memory_steps)
+        print(f"\npeak RSS (ru_maxrss of a fresh process training {args.memory_steps} steps; "
+              "'added' = growth of the peak during training):")
+        for k, label in labels.items():
+            peak, added = mem[k]["after_mb"], mem[k]["after_mb"] - mem[k]["before_mb"]
+            print(f"{label:28s} peak {peak:7.1f} MiB   added {added:6.1f} MiB")
+        result["peak_rss_mb"] = {k: round(m["after_mb"], 1) for k, m in mem.items()}
+        result["added_rss_mb"] = {k: round(m["after_mb"] - m["before_mb"], 1) for k, m in mem.items()}
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
