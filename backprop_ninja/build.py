@@ -119,8 +119,9 @@ def execute(nb: nbformat.NotebookNode, timeout: int = 1800) -> nbformat.Notebook
 
 
 def without_outputs(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """For --check: the notebook minus what execution fills in."""
+    """For --check: the notebook minus what execution fills in (outputs, counts, widget state)."""
     nb = copy.deepcopy(nb)
+    nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = []
