@@ -1,6 +1,7 @@
 """How long one exercise-4 training step takes with each backward pass.
 
-    python benchmarks/train_step.py [--steps 200] [--rounds 15] [--json] [--no-memory]
+    python benchmarks/train_step.py [--runs 5] [--rounds 100] [--steps 20] [--clock cpu|wall]
+                                    [--json] [--no-memory]
 
 Times the FULL training step (minibatch draw, forward, backward, SGD update, loss.item()),
 batch 32, n_hidden 200, one torch thread, for
@@ -10,7 +11,11 @@ batch 32, n_hidden 200, one torch thread, for
 All three share the same forward and update code, so only the backward (and whether the
 forward records a graph) differs. The variants are interleaved: each round times
 ``--steps`` steps of each in turn, so load from other processes on a shared machine hits
-them alike; the ratios a/c and b/c are taken per round and summarised min/median/max.
+them alike. A run is ``--rounds`` rounds; its figure per variant is the median over
+rounds. ``--runs`` independent runs give the ratios a/c and b/c as min/median/max.
+The default clock is this thread's CPU time (torch runs on this one thread), which time
+spent waiting for a core that other processes hold does not inflate; ``--clock wall``
+times elapsed seconds instead.
 
 Peak memory: each variant trains ``--memory-steps`` steps in a fresh subprocess and
 reports ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the process's peak resident set,
@@ -66,8 +71,11 @@ def summary(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=200, help="steps per variant per round (default 200)")
-    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
+    ap.add_argument("--runs", type=int, default=5, help="independent runs (default 5)")
+    ap.add_argument("--rounds", type=int, default=100, help="interleaved rounds per run (default 100)")
+    ap.add_argument("--steps", type=int, default=20, help="steps per variant per round (default 20)")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                    help="cpu: this thread's CPU time (default); wall: elapsed time")
     ap.add_argument("--memory-steps", type=int, default=2000,
                     help="steps each memory subprocess trains (default 2000)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -79,32 +87,38 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     splits, _ = lecture_data()
-    print(f"torch {torch.__version__}, 1 thread, batch 32, n_hidden 200; full step timed "
-          f"(minibatch + forward + backward + update), {args.rounds} interleaved rounds of "
-          f"{args.steps} steps per variant", flush=True)
-    t0 = time.perf_counter()
-    times = step_times(VARIANTS, steps=args.steps, repeats=args.rounds, splits=splits)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    a_c = [a / c for a, c in zip(times["autograd"], times["course"])]
-    b_c = [b / c for b, c in zip(times["lecture"], times["course"])]
-    print(f"({time.perf_counter() - t0:.0f} s)\n")
-    print(f"{'variant':28s} {'median µs/step':>15s} {'min':>8s} {'max':>8s} {'200k steps':>11s}")
+    print(f"torch {torch.__version__}, 1 thread, batch 32, n_hidden 200. Timed: the full step "
+          f"(minibatch + forward + backward + update), {args.clock} clock; {args.runs} runs x "
+          f"{args.rounds} interleaved rounds x {args.steps} steps per variant.", flush=True)
     labels = {"autograd": "(a) autograd loss.backward()", "lecture": "(b) lecture (loop dC)",
               "course": "(c) course fused backward"}
+    pooled: dict[str, list[float]] = {k: [] for k in VARIANTS}
+    a_c, b_c = [], []
+    t0 = time.perf_counter()
+    for run in range(args.runs):
+        times = step_times(VARIANTS, steps=args.steps, repeats=args.rounds, splits=splits, clock=args.clock)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        a_c.append(med["autograd"] / med["course"])
+        b_c.append(med["lecture"] / med["course"])
+        for k in VARIANTS:
+            pooled[k] += times[k]
+        print(f"run {run + 1}: median µs/step " + ", ".join(f"{k} {v:.0f}" for k, v in med.items())
+              + f"; (a)/(c) {a_c[-1]:.2f}, (b)/(c) {b_c[-1]:.2f}", flush=True)
+    med = {k: statistics.median(v) for k, v in pooled.items()}
+    print(f"({time.perf_counter() - t0:.0f} s)\n")
+    print(f"{'all runs':28s} {'median µs/step':>15s} {'200k steps':>11s}")
     for k, label in labels.items():
-        print(f"{label:28s} {med[k]:15.0f} {min(times[k]):8.0f} {max(times[k]):8.0f} "
-              f"{med[k] * LECTURE_STEPS / 1e6:9.0f} s")
-    print(f"\n(a)/(c) speedup of the course backward over autograd, per round: {summary(a_c)}")
-    print(f"(b)/(c) speedup over the lecture's loop dC, per round:          {summary(b_c)}")
-    print(f"ratio of medians: (a)/(c) = {med['autograd'] / med['course']:.2f}, "
-          f"(b)/(c) = {med['lecture'] / med['course']:.2f}")
+        print(f"{label:28s} {med[k]:15.0f} {med[k] * LECTURE_STEPS / 1e6:9.0f} s")
+    print(f"\n(a)/(c) course backward vs autograd, over runs:       {summary(a_c)}")
+    print(f"(b)/(c) course backward vs the lecture's loop dC:     {summary(b_c)}")
 
     result = {"autograd_us": round(med["autograd"], 1), "lecture_us": round(med["lecture"], 1),
               "course_us": round(med["course"], 1),
               "speedup": round(med["autograd"] / med["course"], 3),
-              "speedup_per_round": {"min": round(min(a_c), 3), "median": round(statistics.median(a_c), 3),
-                                    "max": round(max(a_c), 3)},
+              "speedup_runs": {"min": round(min(a_c), 3), "median": round(statistics.median(a_c), 3),
+                               "max": round(max(a_c), 3)},
               "lecture_speedup": round(med["lecture"] / med["course"], 3),
+              "clock": args.clock,
               "projected_200k_s": {k: round(v * LECTURE_STEPS / 1e6, 1) for k, v in med.items()}}
     if not args.no_memory:
         mem = peak_memory(args.memory_steps)
