@@ -170,7 +170,7 @@ def _kill_kernels(pid_dir: Path) -> None:
 
 def _nbgrader_classes():
     """Preprocessor classes defined lazily: importing nbgrader takes seconds."""
-    from nbclient.exceptions import DeadKernelError
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from nbformat.notebooknode import NotebookNode, from_dict
     from nbgrader import utils
     from nbgrader.preprocessors import ClearHiddenTests, Execute, OverwriteCells
@@ -181,27 +181,43 @@ def _nbgrader_classes():
                             traceback=[f"{ename}: {evalue}"])
 
     class SandboxedExecute(Execute):
-        """nbgrader's Execute, except that a kernel that dies (``os._exit``, a crash,
-        the CPU limit) fails the cell it died in and every cell after it, instead
-        of failing the whole notebook: earlier tests keep their credit, later ones
-        score zero (an unexecuted test cell would otherwise count as passed)."""
+        """nbgrader's Execute, made fair to (and safe from) the code it runs.
 
-        _dead_at: int | None = None
+        - A kernel that dies (``os._exit``, a crash, the CPU limit) or that ignores the
+          interrupt sent at a cell's time limit fails that cell and every cell after it,
+          instead of failing the whole notebook: earlier tests keep their credit, later
+          ones score zero (an unexecuted test cell would otherwise count as passed).
+        - What the learner's code writes to stderr inside a test cell (the visible check
+          calls their function) is kept but shown as stdout: nbgrader zeroes a test
+          cell with any stderr, and this course's tests never use stderr to fail.
+        """
+
+        _stopped: str | None = None
 
         def preprocess_cell(self, cell, resources, index):
             if cell.cell_type != "code":
                 return super().preprocess_cell(cell, resources, index)
-            if self._dead_at is not None:
-                cell.outputs = [error("NotRun", f"not run: the kernel died in cell {self._dead_at}.")]
+            if self._stopped is not None:
+                cell.outputs = [error("NotRun", f"not run: {self._stopped}")]
                 return cell, resources
             try:
-                return super().preprocess_cell(cell, resources, index)
+                cell, resources = super().preprocess_cell(cell, resources, index)
             except DeadKernelError:
-                self._dead_at = index
+                self._stopped = f"the kernel died in cell {index}."
                 cell.outputs.append(error(
                     "KernelDied", "the kernel died while running this cell (it called os._exit, "
                     "crashed, or ran out of its memory or CPU limit); nothing after it ran."))
-                return cell, resources
+            except CellTimeoutError:
+                self._stopped = f"cell {index} could not be stopped at its time limit."
+                cell.outputs.append(error(
+                    "CellTimeoutError", f"this cell ran longer than its {self.timeout} s limit and "
+                    "ignored the interrupt; nothing after it ran."))
+            if utils.is_grade(cell) and not utils.is_solution(cell):
+                for out in cell.get("outputs", []):
+                    if out.output_type == "stream" and out.name == "stderr":
+                        out.name = "stdout"
+                        out.text = "[your code wrote to stderr; it costs no points]\n" + out.text
+            return cell, resources
 
     class RestoreCells(OverwriteCells):
         """nbgrader's OverwriteCells, hardened against a learner who edited or deleted cells.
