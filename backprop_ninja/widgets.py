@@ -262,7 +262,7 @@ def dlogits_figure(dlogits: torch.Tensor) -> Figure:
     """The lecture's ``plt.imshow(dlogits, cmap='gray')``: (n, 27). Each row sums to zero: the
     correct class (dark) is pulled up as hard as all the others (light) are pushed down."""
     d = dlogits.detach().double().cpu()
-    fig = Figure(figsize=(8, 8 * d.shape[0] / max(d.shape[1], 1) * 0.9 + 0.8))
+    fig = Figure(figsize=(6, min(9.0, 6 * d.shape[0] / max(d.shape[1], 1) + 0.8)))
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(d.numpy(), cmap="gray", interpolation="nearest")
     ax.set_xlabel("character (logit)")
