@@ -298,12 +298,20 @@ def _tamper_message(problems: list[str]) -> str:
             + ", which the hidden tests rely on. Remove the assignment and restart the kernel.")
 
 
-def _quiet(grade):
-    """Nothing a grade does may reach stderr (nbgrader zeroes a cell with stderr output):
-    torch's warnings (e.g. reading .grad of a non-leaf tensor) are silenced and stray
-    stderr writes are dropped."""
+def _guarded(grade, check=tampering):
+    """Every grade: first the tamper check, then the grade with nothing reaching stderr.
+
+    ``check`` is bound here, when the module is imported, so replacing
+    ``grading.tampering`` does not switch the check off (it is itself reported). Nothing
+    may reach stderr (nbgrader zeroes a cell with stderr output): torch's warnings (e.g.
+    reading .grad of a non-leaf tensor) are silenced and stray stderr writes dropped.
+    """
     @functools.wraps(grade)
     def wrapper(*args, **kwargs):
+        problems = check()
+        if problems:
+            print(_tamper_message(problems))
+            return 0.0
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             return grade(*args, **kwargs)
@@ -320,7 +328,7 @@ STEPWISE_CASES = (Case(101, 32), Case(102, 5), Case(105, 5), Case(103, 2, n_hidd
                   Case(104, 17, n_hidden=40, dtype=torch.float32))
 
 
-@_quiet
+@_guarded
 def grade_stepwise(fn, points: float = 26.0, cases=STEPWISE_CASES) -> float:
     """Exercise 1: one share of ``points`` per gradient of BACKWARD_ORDER, judged locally.
 
@@ -328,10 +336,6 @@ def grade_stepwise(fn, points: float = 26.0, cases=STEPWISE_CASES) -> float:
     to the learner's *own* upstream gradients (``model.local_gradients``; autograd's
     gradient stands in for an upstream one that is missing or malformed), on every case.
     """
-    problems = tampering()
-    if problems:
-        _say([_tamper_message(problems)])
-        return 0.0
     failures: dict[str, str] = {}
     notes: list[str] = []
     previous: dict[tuple, dict] = {}
@@ -391,13 +395,9 @@ def _cross_entropy_reference(tensors: dict) -> torch.Tensor:
     return logits.grad
 
 
-@_quiet
+@_guarded
 def _grade_single(fn, fn_name: str, var: str, points: float, cases, extra=lambda ref: {}) -> float:
     """Exercises 2 and 3: all-or-nothing on every case (one expression, one gradient)."""
-    problems = tampering()
-    if problems:
-        _say([_tamper_message(problems)])
-        return 0.0
     results: dict[tuple, torch.Tensor] = {}
     for case in cases:
         tensors, ref = make_inputs(case)
@@ -447,13 +447,9 @@ FULL_CASES = (Case(401, 32, n_hidden=200, dtype=torch.float32), Case(402, 3), Ca
               Case(404, 32, n_hidden=64))
 
 
-@_quiet
+@_guarded
 def grade_full_backward(fn, points: float = 6.0, cases=FULL_CASES) -> float:
     """Exercise 4: the seven parameter gradients on fresh batches; one share per parameter."""
-    problems = tampering()
-    if problems:
-        _say([_tamper_message(problems)])
-        return 0.0
     failures: dict[str, str] = {}
     previous: dict[tuple, dict] = {}
     for case in cases:
@@ -508,17 +504,13 @@ def _short_training(grad_fn, steps: int, seed: int, n_hidden: int, batch: int, l
     return params, losses
 
 
-@_quiet
+@_guarded
 def grade_training(fn, points: float = 4.0, steps: int = 300, seed: int = 4242) -> float:
     """Exercise 4: a short seeded training run with the learner's ``backward``, autograd off.
 
     It must follow autograd's run step for step (same parameters at the end) and bring the
     loss well below its starting value (ln 27 = 3.3).
     """
-    problems = tampering()
-    if problems:
-        _say([_tamper_message(problems)])
-        return 0.0
     from backprop_ninja import data
 
     (Xtr, Ytr), _, _ = data.lecture_splits(data.load_words())

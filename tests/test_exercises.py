@@ -160,12 +160,14 @@ def test_solutions_score_full_marks(graded, stem):
 def test_submission_scores_what_it_deserves(graded, name):
     sub = CASES[name]
     scores = graded[name.replace("_", "-"), sub["notebook"]]
+    texts = []
     for grade_id, points in sub["expect"].items():
         score, text = scores[grade_id]
-        assert score == pytest.approx(points), f"{grade_id}: {score} != {points}\n{text}"
-        if "says" in sub:
-            assert sub["says"].lower() in text.lower(), text
+        assert score == pytest.approx(points, abs=1e-4), f"{grade_id}: {score} != {points}\n{text}"
         assert "BEGIN HIDDEN TESTS" not in text and "grade_stepwise(" not in text
+        texts.append(text)
+    if "says" in sub:  # the feedback explains the score
+        assert any(sub["says"].lower() in text.lower() for text in texts), texts
 
 
 # --- the grading functions, called directly ----------------------------------------------------
@@ -245,6 +247,17 @@ def test_patching_the_grader_itself_scores_zero(capsys):
         grading.compare = original
     assert "backprop_ninja.grading.compare" in capsys.readouterr().out
     assert grading.grade_batchnorm(fn) == 6.0
+
+
+def test_switching_off_the_tamper_check_is_itself_caught(capsys):
+    fn = _solution("03_fused_batchnorm", "batchnorm_backward")
+    original = grading.tampering
+    grading.tampering = lambda: []
+    try:
+        assert grading.grade_batchnorm(fn) == 0.0
+    finally:
+        grading.tampering = original
+    assert "backprop_ninja.grading.tampering" in capsys.readouterr().out
 
 
 def test_hard_coded_answer_scores_zero(capsys):
