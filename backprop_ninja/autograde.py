@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import os
 import re
@@ -56,7 +57,7 @@ class Limits:
     (kernel start, every cell, feedback); ``memory``: bytes of address space of
     the kernel (RLIMIT_AS; torch needs about 1.5 GB of it just to import)."""
 
-    cell_timeout: int = 120
+    cell_timeout: int = 180
     notebook_timeout: int = 900
     memory: int = 4 << 30
 
@@ -168,6 +169,7 @@ def _kill_kernels(pid_dir: Path) -> None:
 # --------------------------------------------------------------------------- nbgrader steps
 
 
+@functools.cache
 def _nbgrader_classes():
     """Preprocessor classes defined lazily: importing nbgrader takes seconds."""
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
@@ -246,7 +248,7 @@ def _nbgrader_classes():
                                       **({"points": grades[name]} if name in grades else {})}
                                for name, cell in self._cells.items()}
                 self._grades = grades
-                path = Path(self.source_dir) / f"{self.notebook_id}.ipynb"
+                path = Path(self.source_dir or Path("source", ASSIGNMENT)) / f"{self.notebook_id}.ipynb"
                 order = [c.metadata.get("nbgrader", {}).get("grade_id")
                          for c in nbformat_read(path).cells] if path.exists() else list(self._cells)
                 self._order = [name for name in order if name in self._cells]
@@ -315,18 +317,38 @@ def _strip_cell_frames(out, execution_count) -> list[str]:
         [f"{out.get('ename', 'Error')}: {out.get('evalue', '')}"]
 
 
-def _job_config(root: Path, limits: Limits):
-    """grader/nbgrader_config.py (copied into ``root``) plus the box around the kernel."""
+def harden_nbgrader(c) -> None:
+    """Make an nbgrader config (``c`` of an nbgrader_config.py) grade this course safely:
+    RestoreCells for OverwriteCells (edited/deleted test and read-only cells come back),
+    SandboxedExecute for Execute (dead or deaf kernels, learner stderr) and HideHiddenTests
+    in generate_feedback (no hidden-test source in feedback). grader/nbgrader_config.py
+    can call it so that the plain ``nbgrader`` commands get the same treatment."""
     from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
     from nbgrader.converters import Autograde
     from nbgrader.preprocessors import GetGrades
+
+    sandboxed_execute, hide_hidden_tests, restore_cells = _nbgrader_classes()
+
+    def swap(steps_name: str, old: str, new):
+        steps = (c.Autograde.get(steps_name)
+                 or Autograde.class_traits()[steps_name].make_dynamic_default())
+        return [new if getattr(p, "__name__", str(p).rsplit(".", 1)[-1]) == old else p for p in steps]
+
+    c.Autograde.autograde_preprocessors = swap("autograde_preprocessors", "Execute", sandboxed_execute)
+    c.Autograde.sanitize_preprocessors = swap("sanitize_preprocessors", "OverwriteCells", restore_cells)
+    c.OverwriteCells.add_missing_cells = True
+    c.GenerateFeedback.preprocessors = [GetGrades, hide_hidden_tests, CSSHTMLHeaderPreprocessor]
+
+
+def _job_config(root: Path, limits: Limits):
+    """grader/nbgrader_config.py (copied into ``root``), hardened, plus the box around the kernel."""
     from traitlets.config import Config
     from traitlets.config.loader import PyFileConfigLoader
 
-    sandboxed_execute, hide_hidden_tests, restore_cells = _nbgrader_classes()
     config = Config()
     if (root / "nbgrader_config.py").exists():
         config.merge(PyFileConfigLoader("nbgrader_config.py", path=str(root)).load_config())
+    harden_nbgrader(config)
     c = Config()
     c.CourseDirectory.root = str(root)
     c.CourseDirectory.db_url = f"sqlite:///{root / 'gradebook.db'}"
@@ -339,19 +361,8 @@ def _job_config(root: Path, limits: Limits):
             "traceback": [f"CellTimeoutError: this cell ran longer than its {limits.cell_timeout} s "
                           "limit and was stopped"]}
     c.Execute.startup_timeout = max(60, limits.cell_timeout)
-    c.OverwriteCells.add_missing_cells = True
     c.GenerateAssignment.create_assignment = True
-    steps = (config.Autograde.get("autograde_preprocessors")
-             or Autograde.class_traits()["autograde_preprocessors"].make_dynamic_default())
-    c.Autograde.autograde_preprocessors = [sandboxed_execute if getattr(p, "__name__", p) == "Execute"
-                                           or p == "nbgrader.preprocessors.Execute" else p for p in steps]
-    steps = (config.Autograde.get("sanitize_preprocessors")
-             or Autograde.class_traits()["sanitize_preprocessors"].make_dynamic_default())
-    c.Autograde.sanitize_preprocessors = [restore_cells if getattr(p, "__name__", p) == "OverwriteCells"
-                                          or p == "nbgrader.preprocessors.OverwriteCells" else p
-                                          for p in steps]
     c.RestoreCells.source_dir = str(root / "source" / ASSIGNMENT)
-    c.GenerateFeedback.preprocessors = [GetGrades, hide_hidden_tests, CSSHTMLHeaderPreprocessor]
     config.merge(c)
     return config
 

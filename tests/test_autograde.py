@@ -26,7 +26,7 @@ SOLUTIONS, RELEASE = REPO / "solutions", REPO / "notebooks"
 STEMS = list(autograde.course_notebooks())
 CE, BN, STEP = "02_fused_cross_entropy", "03_fused_batchnorm", "01_stepwise_backprop"
 # Low limits keep the hostile cases quick; still far above what a right notebook needs.
-LIMITS = autograde.Limits(cell_timeout=20, notebook_timeout=150, memory=3 << 30)
+LIMITS = autograde.Limits(cell_timeout=20, notebook_timeout=90, memory=3 << 30)
 
 pytestmark = pytest.mark.slow
 
