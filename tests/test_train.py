@@ -1,8 +1,10 @@
 """Exercise 4 (full training): the fast reference backward, the training loop, the CLI."""
 
+import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +183,14 @@ def test_200k_steps_reach_the_lectures_losses(canonical_words):
     r = T.train("manual", 200_000, progress=False)
     train_loss, val_loss = r.split_loss("train"), r.split_loss("val")
     assert train_loss <= 2.10 and val_loss <= 2.14, (train_loss, val_loss)
+
+
+def test_benchmark_ends_with_one_json_line_of_the_step_costs(words):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    proc = subprocess.run([sys.executable, str(script), "--runs", "1", "--rounds", "3", "--steps", "5",
+                           "--no-memory", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"autograd_us", "lecture_us", "course_us", "speedup"} <= set(result)
+    assert result["speedup"] == pytest.approx(result["autograd_us"] / result["course_us"], rel=1e-2)
+    assert "(a)/(c)" in proc.stdout and "200k steps" in proc.stdout
