@@ -448,8 +448,12 @@ def _progress_bar(steps: int, progress):
     if not progress:
         return None
     if in_notebook():
-        from tqdm.auto import tqdm
-        return tqdm(total=steps, unit="step", mininterval=0.5)
+        try:
+            from tqdm.notebook import tqdm as notebook_tqdm
+            return notebook_tqdm(total=steps, unit="step", mininterval=0.5)
+        except ImportError:  # no ipywidgets: a text bar, on stdout (nbgrader scores stderr as an error)
+            from tqdm import tqdm
+            return tqdm(total=steps, unit="step", mininterval=0.5, file=sys.stdout)
     from tqdm import tqdm
     return tqdm(total=steps, unit="step", mininterval=0.5, file=sys.stderr, dynamic_ncols=True)
 
