@@ -434,6 +434,10 @@ class LivePlot:
             t = torch.tensor(losses[: m * chunk]).log10().view(m, chunk).mean(1)
             ax.plot([(i + 0.5) * chunk for i in range(m)], t.tolist())
         ax.set_xlim(0, self.steps)
+        if losses:
+            recent = losses[-chunk:]
+            ax.set_title(f"step {len(losses):,} / {self.steps:,}: loss {sum(recent) / len(recent):.4f} "
+                         f"(mean of the last {len(recent)})", fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel(f"log10 loss (mean of {chunk} steps)")
         ax.grid(alpha=0.3)
