@@ -3,20 +3,27 @@
 Every step is nbgrader's own; this module lays out scratch course directories,
 boxes the untrusted code in, runs notebooks in parallel and collects the grades::
 
-    scratch/template/   copy of grader/nbgrader_config.py + grader/source, then
-                        ``generate_assignment`` (gradebook with the hidden tests)  prepare_course
-    scratch/jobs/<k>/   one per (student, notebook): a copy of the template's
-                        gradebook, the submission placed as submitted, then
-                        ``autograde`` (own kernel, time + memory limits, test
-                        cells restored) and ``generate_feedback`` (hidden-test
-                        source stripped)                                          grade_notebook
+    released course     grader/nbgrader_config.py + grader/source after ``nbgrader
+                        generate_assignment`` (its gradebook keeps every test cell,
+                        hidden tests included); cached by content in
+                        ~/.cache/backprop-ninja/courses/                          prepare_course
+    scratch/jobs/<k>/   one per (student, notebook): a copy of that gradebook, the
+                        submission copied in as submitted, then ``autograde`` (own
+                        kernel, time + memory limits, test and read-only cells
+                        restored) and ``generate_feedback`` (hidden-test source
+                        stripped)                                                  grade_notebook
     out/course/         the class gradebook: each job's grades merged serially     merge_grades
 
 A job runs in its own process, forked from a server that has nbgrader imported
-already (importing it costs seconds), so N jobs really are N notebooks
-executing at once, and a job that outlives its wall-clock limit is killed with
-its kernel. SQLite is only ever written by one process: each job has its own
-gradebook and the parent merges them one at a time.
+already (importing it costs seconds; the calling process never imports it), so
+N jobs really are N notebooks executing at once, and a job that outlives its
+wall-clock limit is killed with its kernel. SQLite is only ever written by one
+process at a time: each job has its own gradebook and the parent merges them
+one by one. Like any multiprocessing program, a script that calls
+``autograde_class`` needs an ``if __name__ == "__main__":`` guard.
+
+The nbgrader steps are hardened by three preprocessors (``harden_nbgrader``):
+RestoreCells, SandboxedExecute and HideHiddenTests.
 """
 
 from __future__ import annotations
@@ -153,8 +160,7 @@ def _write_kernelspec(jupyter_dir: Path, limits: Limits) -> None:
                  "_sandboxed_kernel()", str(limits.memory), str(cpu), "-f", "{connection_file}"],
         "display_name": "Backprop Ninja (grading sandbox)",
         "language": "python",
-        "env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "BACKPROP_NINJA_GRADING": "1",
-                "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"},
+        "env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"},
     }, indent=1))
 
 
@@ -392,9 +398,9 @@ def _enter_job(root: Path) -> None:
     os.dup2(log.fileno(), 2)
     handler = logging.StreamHandler(log)
     handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s] %(message)s"))
-    for name in ("",):  # traitlets and nbgrader loggers propagate here
-        logging.getLogger(name).addHandler(handler)
-        logging.getLogger(name).setLevel(logging.INFO)
+    root_logger = logging.getLogger()  # traitlets' and nbgrader's loggers propagate here
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.INFO)
 
 
 def _generate_assignment_job(root: str, limits: dict) -> None:
@@ -698,8 +704,9 @@ def autograde_class(submissions: Path, jobs: int = 1, out: Path | None = Path("a
         if out is not None:
             out = Path(out)
             main_course = out / "course"
-            if main_course.exists():
-                shutil.rmtree(main_course)
+            for stale in (main_course, out / "feedback"):  # this run's results only
+                if stale.exists():
+                    shutil.rmtree(stale)
             main_course.mkdir(parents=True)
             for name in ("nbgrader_config.py", "gradebook.db", "source", "release"):
                 src = template / name
@@ -737,8 +744,11 @@ def autograde_class(submissions: Path, jobs: int = 1, out: Path | None = Path("a
                 res.max_score = res.max_score or results.max_scores[stem]
                 with lock:  # one writer to the class gradebook, ever
                     if main_course is not None and res.graded:
-                        merge_grades(main_course / "gradebook.db", scratch / "jobs" / f"{k:04d}",
-                                     student, stem)
+                        try:
+                            merge_grades(main_course / "gradebook.db", scratch / "jobs" / f"{k:04d}",
+                                         student, stem)
+                        except RuntimeError as exc:  # keep grading the class; say what is missing
+                            print(f"warning: {exc}", file=sys.stderr)
                         dest = main_course / "autograded" / student / ASSIGNMENT
                         dest.mkdir(parents=True, exist_ok=True)
                         shutil.copy2(res.autograded, dest / f"{stem}.ipynb")
