@@ -400,8 +400,10 @@ class LivePlot:
     left for the inline backend to show a second time; outside a kernel it does nothing.
     """
 
-    def __init__(self, steps: int, every: float = 3.0):
+    def __init__(self, steps: int, every: float = 5.0):
         self.steps, self.every = steps, every
+        self.chunk = max(1, steps // 200)  # the lecture averages lossi over chunks of 1000 of 200k
+        self.curve: list[float] = []  # mean log10 loss of each finished chunk, kept as we go
         self.enabled = in_notebook()
         self.handle = None
         self.last = 0.0
@@ -426,20 +428,19 @@ class LivePlot:
 
         from matplotlib.figure import Figure
 
+        c = self.chunk
+        for i in range(len(self.curve) * c, len(losses) - c + 1, c):
+            self.curve.append(sum(math.log10(x) for x in losses[i:i + c]) / c)
         fig = Figure(figsize=(6, 3), dpi=80)
         ax = fig.subplots()
-        chunk = max(1, self.steps // 200)  # the lecture averages lossi over chunks of 1000 of 200k
-        m = len(losses) // chunk
-        if m:
-            t = torch.tensor(losses[: m * chunk]).log10().view(m, chunk).mean(1)
-            ax.plot([(i + 0.5) * chunk for i in range(m)], t.tolist())
+        ax.plot([(i + 0.5) * c for i in range(len(self.curve))], self.curve)
         ax.set_xlim(0, self.steps)
         if losses:
-            recent = losses[-chunk:]
+            recent = losses[-c:]
             ax.set_title(f"step {len(losses):,} / {self.steps:,}: loss {sum(recent) / len(recent):.4f} "
                          f"(mean of the last {len(recent)})", fontsize=10)
         ax.set_xlabel("step")
-        ax.set_ylabel(f"log10 loss (mean of {chunk} steps)")
+        ax.set_ylabel(f"log10 loss (mean of {c} steps)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         buf = io.BytesIO()
