@@ -81,3 +81,9 @@ def test_grade_refuses_what_it_cannot_grade_in_one_sentence(tmp_path, capsys, ma
     err = capsys.readouterr().err
     assert code == 2
     assert says in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_autograde_refuses_a_missing_submissions_folder_in_one_sentence(tmp_path, capsys):
+    code = cli.main(["autograde", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a folder of student submissions" in err and err.count("\n") == 1
