@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -319,7 +319,6 @@ class TrainResult:
     itos: dict[int, str]
     bnmean: torch.Tensor | None = None
     bnvar: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -349,6 +348,8 @@ def calibrate(params: dict[str, torch.Tensor], X: torch.Tensor) -> tuple[torch.T
 
 
 def _logits(result: TrainResult, X: torch.Tensor) -> torch.Tensor:
+    if result.bnmean is None:
+        result.bnmean, result.bnvar = calibrate(result.params, result.splits[0][0])
     p = result.params
     hpreact = p["C"][X].view(X.shape[0], -1) @ p["W1"] + p["b1"]
     hpreact = p["bngain"] * (hpreact - result.bnmean) * (result.bnvar + BN_EPS) ** -0.5 + p["bnbias"]
@@ -474,7 +475,8 @@ def train(backward=None, steps: int = LECTURE_STEPS, *, seed: int = LECTURE_SEED
     """Train exercise 4's network with ``backward`` and return a ``TrainResult``.
 
     ``backward``: the learner's function (called as ``backward(**tensors)`` with the
-    keywords of ``FORWARD_KEYWORDS``, under ``torch.no_grad()``, with autograd blocked),
+    keywords of ``FORWARD_KEYWORDS``, under ``torch.inference_mode()`` (no_grad, stricter),
+    with autograd blocked and no input requiring grad),
     a name from ``BACKWARDS`` ("manual", "lecture"), or None/"autograd" for ``loss.backward()``.
     Learning rate: ``lr`` for the first ``decay_at`` steps (default: half, the lecture's
     100k of 200k), then ``lr / 10``. Parameters come from ``init_params(seed)``; minibatches
@@ -487,7 +489,9 @@ def train(backward=None, steps: int = LECTURE_STEPS, *, seed: int = LECTURE_SEED
     if splits is None:
         splits, itos = lecture_data()
     (Xtr, Ytr) = splits[0]
-    cfg = Config(vocab_size=len(itos) if itos else 27, block_size=Xtr.shape[1], n_hidden=n_hidden)
+    if itos is None:  # the lecture's vocabulary: '.' then a-z
+        itos = {0: ".", **{i: chr(ord("a") + i - 1) for i in range(1, 27)}}
+    cfg = Config(vocab_size=len(itos), block_size=Xtr.shape[1], n_hidden=n_hidden)
     params = init_params(cfg, seed, dtype)
     decay_at = steps // 2 if decay_at is None else decay_at
     g = torch.Generator().manual_seed(seed)
