@@ -134,15 +134,18 @@ class Report:
         first = self.first_wrong
         return self[first].hint if first else ""
 
-    def text(self) -> str:
-        """A plain table (one line per gradient) and the hint for the first wrong one."""
-        lines = [d.line() for d in self.rows]
+    def summary(self) -> str:
+        """``k/N gradients correct.`` and, if any is wrong, which to fix first and the hint."""
         n_ok = sum(d.ok for d in self.rows)
-        lines.append(f"{n_ok}/{len(self.rows)} gradients correct.")
+        lines = [f"{n_ok}/{len(self.rows)} gradients correct."]
         first = self.first_wrong
         if first:
             lines.append(f"Fix d{variable_name(first)} first: {self[first].hint}")
         return "\n".join(lines)
+
+    def text(self) -> str:
+        """A plain table (one line per gradient) and the summary."""
+        return "\n".join([d.line() for d in self.rows] + [self.summary()])
 
     def __str__(self) -> str:
         return self.text()

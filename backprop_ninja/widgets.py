@@ -172,12 +172,14 @@ def _in_notebook() -> bool:
 
 
 def show_report(grads: dict, tensors: dict, ref: dict, order=model.BACKWARD_ORDER) -> Report:
-    """Diagnose ``grads`` and show the report: the widget in Jupyter (its plain-text form is the
-    report's table), the table printed anywhere else. Returns the ``Report``."""
+    """Diagnose ``grads`` and show the report. In Jupyter: the summary printed (so plain outputs,
+    nbval and feedback read it) and the widget (whose plain-text form is the whole table);
+    anywhere else the table is printed. Returns the ``Report``."""
     report = diagnose(grads, tensors, ref, order=order)
     if _in_notebook():
         from IPython.display import display
 
+        print(report.summary())
         display(report_widget(report))
     else:
         print(report.text())

@@ -130,3 +130,18 @@ def test_every_gradient_has_three_hints_without_code():
 def test_an_unknown_hint_name_is_one_clear_sentence():
     with pytest.raises(UserError, match="No hints for 'dfoo'"):
         hints.hint("dfoo")
+
+
+def test_show_report_in_jupyter_prints_the_summary_and_displays_the_widget(monkeypatch, capsys):
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(widgets, "_in_notebook", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    tensors, ref = fresh(10)
+    grads = dict(ref, b2=-ref["b2"])
+    report = widgets.show_report(grads, tensors, ref)
+    (w,) = shown
+    assert isinstance(w, widgets.ReportWidget) and w.report is report and w.selected == "b2"
+    out = capsys.readouterr().out
+    assert out.startswith("25/26 gradients correct.\nFix db2 first: db2 has the opposite sign")
