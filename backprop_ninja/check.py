@@ -487,6 +487,10 @@ def diagnose(grads: dict, tensors: dict, ref: dict, order=model.BACKWARD_ORDER) 
     for v, d in first.items():
         if d.status in ("exact", "close", "wrong"):
             upstream[v] = d.got
+        elif d.status == "wrong shape" and d.mistake == "transposed":
+            upstream[v] = d.got.T  # what the learner's next lines most likely used
+        elif d.status == "wrong shape" and d.mistake in ("missing keepdim", "missing .view"):
+            upstream[v] = d.got.reshape(ref[v].shape)
     wrong_up = {v for v, d in first.items() if not d.ok}
     local_branches = None
     if ctx.usable and wrong_up:

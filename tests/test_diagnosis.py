@@ -264,3 +264,14 @@ def test_dlogit_maxes_is_judged_on_the_scale_of_what_it_sums():
     wrong = ref["logit_maxes"] + ref["norm_logits"].abs().max()
     d = diagnose_one("logit_maxes", wrong, ref["logit_maxes"], tensors)
     assert d.status == "wrong" and not math.isnan(d.rel_error)
+
+
+def test_inherited_mistakes_and_a_shape_slip_are_reported_side_by_side():
+    tensors, ref = fresh(111, torch.float64, n=12, n_hidden=20)
+    g = stepwise(tensors)
+    g["h"] = g["h"] * 2  # wrong, and its (correct) consequences follow
+    g["hpreact"] = (1.0 - tensors["h"] ** 2) * g["h"]
+    g["emb"] = g["emb"].view(12, -1)  # wrong shape, right numbers: dC from it is right
+    report = diagnose(g, tensors, ref)
+    assert report.first_wrong == "h" and report["hpreact"].status == "inherited"
+    assert report["emb"].status == "wrong shape" and report["emb"].mistake == "missing .view"
