@@ -221,7 +221,7 @@ def graph_figure(report: Report | None = None) -> Figure:
     the status of its gradient in ``report``."""
     status = {variable_name(d.name): d.status for d in report.rows} if report is not None else {}
     pos = _layout()
-    fig = Figure(figsize=(14, 6.2))
+    fig = Figure(figsize=(15.5, 6.2))
     ax = fig.add_subplot(1, 1, 1)
     ax.set_axis_off()
     for out, inputs, _ in model.GRAPH:

@@ -203,6 +203,16 @@ def test_report_widget_renders_in_jupyterlab(lab, tmp_path):
             report.scroll_into_view_if_needed()
             time.sleep(0.5)  # let the image finish painting
             report.screenshot(path=str(ARTIFACTS / "report.png"))
+            # the same cell printed the summary for plain outputs, and exercise 1 draws the graph
+            cell = page.locator(".jp-CodeCell", has=report).first
+            expect(cell.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stdout']"
+                                ).first).to_contain_text("11/26 gradients correct.")
+            if "graph_figure(" in notebook.read_text():
+                graph = cell.locator(".jp-RenderedImage img").last
+                expect(graph).to_be_visible(timeout=30_000)
+                graph.scroll_into_view_if_needed()
+                assert graph.evaluate("img => img.naturalWidth") > 600
+                graph.screenshot(path=str(ARTIFACTS / "graph.png"))
         finally:
             browser.close()
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
