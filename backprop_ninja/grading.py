@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import io
 import math
 import sys
@@ -194,6 +195,7 @@ def call_learner(fn, kwargs: dict) -> Call:
     call = Call()
     attempts: list = []
     sink = io.StringIO()
+    kwargs = _accepted(fn, kwargs)
     with (autograd_blocked(attempts), contextlib.redirect_stdout(sink),
           contextlib.redirect_stderr(sink), warnings.catch_warnings()):
         warnings.simplefilter("ignore")
@@ -204,6 +206,31 @@ def call_learner(fn, kwargs: dict) -> Call:
             call.partial, call.where = _frame_locals(exc, fn)
     call.used_autograd = bool(attempts) or isinstance(call.error, AutogradUnavailable)
     return call
+
+
+def _accepted(fn, kwargs: dict) -> dict:
+    """Only the keywords ``fn`` declares, unless it takes ``**_`` (the contract asks for it;
+    a learner who forgot it should get graded, not a TypeError)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return kwargs
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def as_gradient_dict(result, names) -> dict | None:
+    """The learner's {name: gradient}; "dlogits"-style keys are accepted for "logits"."""
+    if not isinstance(result, dict):
+        return None
+    out = {}
+    for key, value in result.items():
+        if isinstance(key, str) and key not in names and key.startswith("d") and key[1:] in names:
+            key = key[1:]
+        out.setdefault(key, value)
+    return out
 
 
 def _frame_locals(exc: BaseException, fn) -> tuple[dict, str]:
@@ -314,7 +341,12 @@ def _guarded(grade, check=tampering):
             return 0.0
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            return grade(*args, **kwargs)
+            try:
+                return grade(*args, **kwargs)
+            except Exception as exc:  # never a traceback: it would show the hidden cell
+                print(f"Score 0: the grader could not judge this answer ({type(exc).__name__}: {exc}); "
+                      "check that your function returns what its docstring says.")
+                return 0.0
     return wrapper
 
 
@@ -351,7 +383,7 @@ def grade_stepwise(fn, points: float = 26.0, cases=STEPWISE_CASES) -> float:
                          "only the gradients computed before that line were graded.")
             grads = {k: v for k, v in collect_gradients(call.partial).items()}
         elif isinstance(call.result, dict):
-            grads = call.result
+            grads = as_gradient_dict(call.result, BACKWARD_ORDER)
         else:
             _say([f"Score 0: backward_stepwise must return a dict name -> gradient, got "
                   f"{type(call.result).__name__}."])
@@ -374,14 +406,18 @@ def grade_stepwise(fn, points: float = 26.0, cases=STEPWISE_CASES) -> float:
                     verdict = Verdict(False, "constant", f"d{name} is identical for different "
                                       "inputs: hard-coded numbers?")
             if not verdict.ok:
-                failures[name] = f"{verdict.message} [{case.describe()}]"
+                failures[name] = ("missing" if verdict.status == "missing"
+                                  else f"{verdict.message} [{case.describe()}]")
         previous[key] = {k: v for k, v in grads.items() if isinstance(v, torch.Tensor)}
     right = [name for name in BACKWARD_ORDER if name not in failures]
     score = points * len(right) / len(BACKWARD_ORDER)
     lines = [f"Exercise 1: {len(right)}/{len(BACKWARD_ORDER)} gradients right on fresh inputs "
              f"-> {score:.4g}/{points:g} points."]
     lines += notes
-    lines += [f"  {failures[name]}" for name in BACKWARD_ORDER if name in failures]
+    missing = [f"d{name}" for name in BACKWARD_ORDER if failures.get(name) == "missing"]
+    lines += [f"  {failures[name]}" for name in BACKWARD_ORDER if failures.get(name, "missing") != "missing"]
+    if missing:
+        lines.append(f"  missing (not returned): {', '.join(missing)}")
     _say(lines)
     return round(score, 6)
 
@@ -462,7 +498,8 @@ def grade_full_backward(fn, points: float = 6.0, cases=FULL_CASES) -> float:
         if call.error is not None:
             _say([f"Score 0: {_error_text(call, 'backward')} [{case.describe()}]."])
             return 0.0
-        if not isinstance(call.result, dict):
+        result = as_gradient_dict(call.result, PARAM_NAMES)
+        if result is None:
             _say([f"Score 0: backward must return a dict name -> gradient of the 7 parameters, got "
                   f"{type(call.result).__name__}."])
             return 0.0
@@ -470,13 +507,13 @@ def grade_full_backward(fn, points: float = 6.0, cases=FULL_CASES) -> float:
         for name in PARAM_NAMES:
             if name in failures:
                 continue
-            got = call.result.get(name)
+            got = result.get(name)
             verdict = compare(name, got, ref[name], case.n, tensors)
             if verdict.ok and key in previous and torch.equal(previous[key][name], got.detach()):
                 verdict = Verdict(False, "constant", f"d{name} is identical for different inputs")
             if not verdict.ok:
                 failures[name] = f"{verdict.message} [{case.describe()}]"
-        previous[key] = {k: v.detach() for k, v in call.result.items() if isinstance(v, torch.Tensor)}
+        previous[key] = {k: v.detach() for k, v in result.items() if isinstance(v, torch.Tensor)}
     right = [name for name in PARAM_NAMES if name not in failures]
     score = points * len(right) / len(PARAM_NAMES)
     _say([f"backward: {len(right)}/{len(PARAM_NAMES)} parameter gradients right on fresh batches "
@@ -522,11 +559,11 @@ def grade_training(fn, points: float = 4.0, steps: int = 300, seed: int = 4242) 
             trouble.append("backward used autograd while training; train with your own gradients.")
         elif call.error is not None:
             trouble.append(_error_text(call, "backward") + " while training.")
-        elif not isinstance(call.result, dict) or any(
-                not isinstance(call.result.get(k), torch.Tensor)
-                or tuple(call.result[k].shape) != tuple(params[k].shape) for k in PARAM_NAMES):
+        result = as_gradient_dict(call.result, PARAM_NAMES) or {}
+        if not trouble and any(not isinstance(result.get(k), torch.Tensor)
+                               or tuple(result[k].shape) != tuple(params[k].shape) for k in PARAM_NAMES):
             trouble.append("backward must return the 7 parameter gradients, each shaped like its parameter.")
-        return None if trouble else call.result
+        return None if trouble else result
 
     def reference_grads(params, tensors):
         with torch.enable_grad():
