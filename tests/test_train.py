@@ -194,3 +194,10 @@ def test_benchmark_ends_with_one_json_line_of_the_step_costs(words):
     assert {"autograd_us", "lecture_us", "course_us", "speedup"} <= set(result)
     assert result["speedup"] == pytest.approx(result["autograd_us"] / result["course_us"], rel=1e-2)
     assert "(a)/(c)" in proc.stdout and "200k steps" in proc.stdout
+
+
+def test_cli_train_without_data_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BACKPROP_NINJA_DATA", str(tmp_path))
+    assert cli.main(["train", "--steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "names.txt is missing" in err and "backprop-ninja data" in err and "Traceback" not in err
