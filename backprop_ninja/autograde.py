@@ -683,13 +683,15 @@ def merge_grades(gradebook: Path, job_dir: Path, student: str, stem: str) -> Non
 
 def autograde_class(submissions: Path, jobs: int = 1, out: Path | None = Path("autograde-out"),
                     limits: Limits = Limits(), course: Path = COURSE, progress: bool = True,
-                    only: dict[str, dict[str, Path]] | None = None) -> ClassResults:
+                    only: dict[str, dict[str, Path]] | None = None,
+                    feedback_to=None) -> ClassResults:
     """Autograde every student's notebooks, ``jobs`` notebooks executing at once.
 
     With ``out``: ``out/grades.csv``, ``out/feedback/<student>/<stem>.html`` and
     ``out/course/`` (an nbgrader course: gradebook.db with every grade, autograded/,
     so ``nbgrader export`` and the formgrader work on it). ``only`` replaces the
-    folder scan (``grade`` passes the learner's files).
+    folder scan (``grade`` passes the learner's files); ``feedback_to(student, stem)``
+    replaces where each HTML feedback is kept (the scratch directory is deleted).
     """
     from tqdm import tqdm
 
@@ -701,6 +703,8 @@ def autograde_class(submissions: Path, jobs: int = 1, out: Path | None = Path("a
         results = ClassResults(stems=stems,
                                max_scores=json.loads((template / "max_scores.json").read_text()))
         main_course = None
+        if feedback_to is None and out is not None:
+            feedback_to = lambda student, stem: Path(out) / "feedback" / student / f"{stem}.html"  # noqa: E731
         if out is not None:
             out = Path(out)
             main_course = out / "course"
@@ -752,16 +756,17 @@ def autograde_class(submissions: Path, jobs: int = 1, out: Path | None = Path("a
                         dest = main_course / "autograded" / student / ASSIGNMENT
                         dest.mkdir(parents=True, exist_ok=True)
                         shutil.copy2(res.autograded, dest / f"{stem}.ipynb")
-                    if out is not None:
-                        res.feedback = _save_feedback(res, out / "feedback" / student / f"{stem}.html")
+                    if feedback_to is not None:
+                        res.feedback = _save_feedback(res, feedback_to(student, stem))
                 results.results[student][stem] = res
                 bar.update(1)
         bar.close()
-        if out is not None:
+        if feedback_to is not None:  # the notebooks that were never run get a note too
             for student, per_stem in results.results.items():
                 for stem, res in per_stem.items():
-                    if res.feedback is None:
-                        res.feedback = _save_feedback(res, out / "feedback" / student / f"{stem}.html")
+                    if res.feedback is None and (only is None or stem in students[student]):
+                        res.feedback = _save_feedback(res, feedback_to(student, stem))
+        if out is not None:
             write_grades_csv(results, out / "grades.csv")
         return results
 
@@ -833,10 +838,9 @@ def run_grade(paths: list[str], as_json: bool = False, limits: Limits = Limits()
     chosen = _learner_notebooks(paths, stems)
     jobs = max(1, min(len(chosen), os.cpu_count() or 1))
     results = autograde_class(Path("."), jobs=jobs, out=None, limits=limits, course=course,
-                              progress=not as_json, only={LEARNER: chosen})
+                              progress=not as_json, only={LEARNER: chosen},
+                              feedback_to=lambda _student, stem: FEEDBACK_DIR / f"{stem}.html")
     mine = {stem: res for stem, res in results.results[LEARNER].items() if stem in chosen}
-    for stem, res in mine.items():
-        res.feedback = _save_feedback(res, FEEDBACK_DIR / f"{stem}.html")
     score = sum(r.score for r in mine.values())
     max_score = sum(r.max_score for r in mine.values())
     if as_json:
@@ -854,6 +858,3 @@ def run_grade(paths: list[str], as_json: bool = False, limits: Limits = Limits()
         print(f"  {r.feedback}")
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover - python -m backprop_ninja.autograde SUBMISSIONS
-    raise SystemExit(run_autograde(sys.argv[1], jobs=int(sys.argv[2]) if len(sys.argv) > 2 else 1))

@@ -4,7 +4,9 @@ in one sentence when it cannot grade."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -63,7 +65,13 @@ def test_grade_table_names_the_first_problem_of_a_notebook_anywhere(tmp_path):
     assert lines[0].split()[:3] == ["notebook", "score", "max"]
     row = next(line for line in lines if line.startswith("02_fused_cross_entropy"))
     assert row.split()[1:3] == ["0", "4"] and "dlogits is wrong" in row
-    assert str(tmp_path / "grade-feedback" / "02_fused_cross_entropy.html") in run.stdout
+    feedback = tmp_path / "grade-feedback" / "02_fused_cross_entropy.html"
+    assert str(feedback) in run.stdout
+    raw = re.sub(r"<(style|script)\b.*?</\1>", " ", feedback.read_text(), flags=re.S)
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", "", raw)).split())
+    assert "dlogits /= 2 * n" in text          # the learner's own code
+    assert "dlogits is wrong" in text          # the verdict and its reason
+    assert "HIDDEN TESTS" not in text and "grade_cross_entropy(" not in text
 
 
 @pytest.mark.parametrize("make, says", [
