@@ -464,6 +464,7 @@ CROSS_ENTROPY_CASES = (Case(201, 32, dtype=torch.float32), Case(202, 3), Case(20
                        Case(205, 4, logit_scale=20000.0))
 
 
+@_guarded
 def grade_cross_entropy(fn, points: float = 4.0, cases=CROSS_ENTROPY_CASES) -> float:
     """Exercise 2: dlogits in one expression, including logits large enough to overflow exp."""
     return _grade_single(fn, "cross_entropy_backward", "logits", points, cases)
@@ -473,6 +474,7 @@ BATCHNORM_CASES = (Case(301, 32, dtype=torch.float32), Case(302, 4), Case(303, 2
                    Case(304, 9, n_hidden=200), Case(305, 32))
 
 
+@_guarded
 def grade_batchnorm(fn, points: float = 6.0, cases=BATCHNORM_CASES) -> float:
     """Exercise 3: dhprebn in one expression, given dhpreact (from autograd)."""
     return _grade_single(fn, "batchnorm_backward", "hprebn", points, cases,

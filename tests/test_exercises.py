@@ -284,3 +284,15 @@ def test_one_early_mistake_is_charged_once(capsys):
     capsys.readouterr()
     assert grading.grade_stepwise(wrong_dprobs) == pytest.approx(25.0)
     assert "dprobs" in capsys.readouterr().out
+
+
+def test_hidden_tests_call_guarded_graders():
+    """The hidden cells refuse a grader that is not this module's guarded function."""
+    names = set()
+    for path in SOURCE.glob("*.ipynb"):
+        names |= set(re.findall(r"from backprop_ninja\.grading import (\w+) as grade", path.read_text()))
+    assert names == {"grade_stepwise", "grade_cross_entropy", "grade_batchnorm", "grade_full_backward",
+                     "grade_training"}
+    for name in names:
+        fn = getattr(grading, name)
+        assert fn.__wrapped__ is not None and fn.__module__ == "backprop_ninja.grading"
