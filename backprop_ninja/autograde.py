@@ -82,6 +82,7 @@ class NotebookResult:
     autograded: str | None = None       # the autograded notebook (inside the job dir)
     graded: bool = False                # nbgrader autograded it (False: missing/unreadable/killed)
     seconds: float = 0.0                # wall-clock time of its grading job
+    job_dir: str | None = None          # where nbgrader ran (inside the scratch dir)
 
 
 @dataclass
@@ -586,28 +587,39 @@ def prepare_course(scratch: Path, course: Path = COURSE, limits: Limits = Limits
 
 def grade_notebook(template: Path, jupyter_dir: Path, job_dir: Path, student: str, stem: str,
                    notebook: Path, limits: Limits) -> NotebookResult:
-    """Autograde one submitted notebook in ``job_dir`` (a copy of the template course)."""
+    """Autograde one submitted notebook in ``job_dir`` (a copy of the released course).
+
+    A job that fails without reaching its wall-clock limit (nbgrader raised, e.g. a
+    kernel that could not start because two kernels raced for a port) is run once
+    more in a fresh directory before the notebook is declared ungradable.
+    """
     result = NotebookResult(student=student, stem=stem)
-    job_dir.mkdir(parents=True)
-    shutil.copy2(template / "gradebook.db", job_dir / "gradebook.db")
-    if (template / "nbgrader_config.py").exists():
-        shutil.copy2(template / "nbgrader_config.py", job_dir / "nbgrader_config.py")
-    shutil.copytree(template / "source", job_dir / "source")
-    submitted = job_dir / "submitted" / student / ASSIGNMENT
-    submitted.mkdir(parents=True)
-    shutil.copyfile(notebook, submitted / f"{stem}.ipynb")  # a copy: the learner's file is never touched
     started = time.perf_counter()
-    code = _run_process(_autograde_job, (str(job_dir), str(jupyter_dir), student, stem,
-                                         asdict(limits)),
-                        timeout=limits.notebook_timeout, pid_dir=job_dir / "kernel-pids")
+    for attempt in range(2):
+        run_dir = job_dir if attempt == 0 else job_dir.with_name(job_dir.name + "-retry")
+        run_dir.mkdir(parents=True)
+        shutil.copy2(template / "gradebook.db", run_dir / "gradebook.db")
+        if (template / "nbgrader_config.py").exists():
+            shutil.copy2(template / "nbgrader_config.py", run_dir / "nbgrader_config.py")
+        shutil.copytree(template / "source", run_dir / "source")
+        submitted = run_dir / "submitted" / student / ASSIGNMENT
+        submitted.mkdir(parents=True)
+        shutil.copyfile(notebook, submitted / f"{stem}.ipynb")  # a copy: the learner's file stays as is
+        code = _run_process(_autograde_job, (str(run_dir), str(jupyter_dir), student, stem,
+                                             asdict(limits)),
+                            timeout=max(1.0, limits.notebook_timeout - (time.perf_counter() - started)),
+                            pid_dir=run_dir / "kernel-pids")
+        result.job_dir = str(run_dir)
+        if code is None or (code == 0 and (run_dir / "result.json").exists()):
+            break
     result.seconds = time.perf_counter() - started
     if code is None:
         result.problem = (f"grading was stopped after {limits.notebook_timeout} s (the notebook's "
                           "wall-clock limit); nothing it computed counts.")
-    elif code != 0 or not (job_dir / "result.json").exists():
-        result.problem = "nbgrader could not grade this notebook: " + _log_reason(job_dir / "nbgrader.log")
+    elif code != 0 or not (run_dir / "result.json").exists():
+        result.problem = "nbgrader could not grade this notebook: " + _log_reason(run_dir / "nbgrader.log")
     else:
-        data = json.loads((job_dir / "result.json").read_text())
+        data = json.loads((run_dir / "result.json").read_text())
         result.score, result.max_score = data["score"], data["max_score"]
         result.problem, result.feedback, result.autograded = (data["problem"], data["feedback"],
                                                               data["autograded"])
@@ -749,8 +761,7 @@ def autograde_class(submissions: Path, jobs: int = 1, out: Path | None = Path("a
                 with lock:  # one writer to the class gradebook, ever
                     if main_course is not None and res.graded:
                         try:
-                            merge_grades(main_course / "gradebook.db", scratch / "jobs" / f"{k:04d}",
-                                         student, stem)
+                            merge_grades(main_course / "gradebook.db", Path(res.job_dir), student, stem)
                         except RuntimeError as exc:  # keep grading the class; say what is missing
                             print(f"warning: {exc}", file=sys.stderr)
                         dest = main_course / "autograded" / student / ASSIGNMENT
