@@ -1,9 +1,12 @@
 """What the hidden test cells call: fresh inputs, autograd switched off, comparison, score.
 
-A hidden test cell is two lines::
+A hidden test cell imports one ``grade_*`` function, refuses it unless it is this
+module's guarded function (a learner's replacement scores zero), and calls it::
 
-    from backprop_ninja.grading import grade_stepwise
-    grade_stepwise(backward_stepwise, points=26)
+    from backprop_ninja.grading import grade_stepwise as grade
+    if getattr(grade, "__wrapped__", None) is None or grade.__module__ != "backprop_ninja.grading":
+        grade = lambda *a, **k: print("Score 0: ...") or 0.0
+    grade(backward_stepwise, points=26)
 
 Each ``grade_*`` builds inputs the learner never saw (other seeds, batch sizes down
 to 2, other widths, float64), computes the reference with autograd itself
@@ -18,8 +21,10 @@ answer, so a failure never shows the hidden cell's source in a traceback.
 
 Tamper resistance: the read-only set-up cell of every notebook imports this module
 before any learner code runs, so the references captured below are the originals.
-Every grade first checks that torch, ``backprop_ninja.model`` and this module still
-hold them; a replaced one scores zero with a message naming it.
+Every grade first checks (``_guarded``, bound at import) that torch, ``backprop_ninja.model``
+and this module still hold them; a replaced one scores zero with a message naming it.
+In-process checks can be defeated by a determined author who reads this file; they catch
+the casual and the accidental, and the sandbox (``backprop_ninja.autograde``) does the rest.
 """
 
 from __future__ import annotations
