@@ -297,7 +297,8 @@ def compare(name: str, got, expected: torch.Tensor, n: int, tensors: dict | None
                        "compute it from the function's arguments instead")
     if tuple(got.shape) != tuple(expected.shape):
         return Verdict(False, "wrong shape", f"d{name} has shape {tuple(got.shape)}, expected "
-                       f"{tuple(expected.shape)} (same as {name}); check keepdim and transposes")
+                       f"{tuple(expected.shape)} (same as {name}); "
+                       + _likely_mistake(name, got.detach(), expected, tensors))
     got = got.detach().to(expected.dtype)
     if not bool(_isfinite(got).all()):
         return Verdict(False, "not finite", f"d{name} contains inf or nan (an overflow? "
