@@ -202,3 +202,16 @@ def test_cli_train_without_data_says_what_to_do(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "names.txt is missing" in err and "backprop-ninja data" in err and "Traceback" not in err
 
+
+
+def test_notebook_04_solution_is_the_reference_backward():
+    """The solutions train with the course's fast reference backward, not a slower copy."""
+    import inspect
+
+    import nbformat
+
+    source = Path(__file__).resolve().parents[1] / "grader/source/backprop/04_full_training.ipynb"
+    cell = next(c.source for c in nbformat.read(source, 4).cells if "def backward(" in c.source)
+    solution = cell.split("### BEGIN SOLUTION\n")[1].split("    ### END SOLUTION")[0]
+    reference = inspect.getsource(T.fused_backward).split("    n = Xb.shape[0]\n")[1]
+    assert solution.rstrip() == reference.rsplit("\n    return", 1)[0].rstrip()
