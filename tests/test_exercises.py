@@ -225,38 +225,29 @@ def test_fresh_inputs_are_not_the_lecture_batch():
     assert model.LECTURE_SEED not in {c.seed for c in grading.STEPWISE_CASES}
 
 
-def test_replacing_torch_allclose_scores_zero(capsys):
+def test_replacing_torch_allclose_scores_zero(capsys, monkeypatch):
     fn = _solution("02_fused_cross_entropy", "cross_entropy_backward")
-    original = torch.allclose
-    torch.allclose = lambda *a, **k: True
-    try:
-        assert grading.grade_cross_entropy(fn) == 0.0
-    finally:
-        torch.allclose = original
+    monkeypatch.setattr(torch, "allclose", lambda *a, **k: True)
+    assert grading.grade_cross_entropy(fn) == 0.0
+    monkeypatch.undo()
     assert "torch.allclose" in capsys.readouterr().out
     assert grading.grade_cross_entropy(fn) == 4.0
 
 
-def test_patching_the_grader_itself_scores_zero(capsys):
+def test_patching_the_grader_itself_scores_zero(capsys, monkeypatch):
     fn = _solution("03_fused_batchnorm", "batchnorm_backward")
-    original = grading.compare
-    grading.compare = lambda *a, **k: grading.Verdict(True, "exact")
-    try:
-        assert grading.grade_batchnorm(lambda **_: None) == 0.0
-    finally:
-        grading.compare = original
+    monkeypatch.setattr(grading, "compare", lambda *a, **k: grading.Verdict(True, "exact"))
+    assert grading.grade_batchnorm(lambda **_: None) == 0.0
+    monkeypatch.undo()
     assert "backprop_ninja.grading.compare" in capsys.readouterr().out
     assert grading.grade_batchnorm(fn) == 6.0
 
 
-def test_switching_off_the_tamper_check_is_itself_caught(capsys):
+def test_switching_off_the_tamper_check_is_itself_caught(capsys, monkeypatch):
     fn = _solution("03_fused_batchnorm", "batchnorm_backward")
-    original = grading.tampering
-    grading.tampering = lambda: []
-    try:
-        assert grading.grade_batchnorm(fn) == 0.0
-    finally:
-        grading.tampering = original
+    monkeypatch.setattr(grading, "tampering", lambda: [])
+    assert grading.grade_batchnorm(fn) == 0.0
+    monkeypatch.undo()
     assert "backprop_ninja.grading.tampering" in capsys.readouterr().out
 
 
