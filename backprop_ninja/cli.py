@@ -22,15 +22,15 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _grade(args: argparse.Namespace) -> int:
-    from backprop_ninja.autograde import run_grade
+    from backprop_ninja.grading.autograde import run_grade
 
     return run_grade(args.paths, as_json=args.json)
 
 
 def _autograde(args: argparse.Namespace) -> int:
-    from backprop_ninja.autograde import run_autograde
+    from backprop_ninja.grading.autograde import run_autograde
 
-    return run_autograde(args.submissions, jobs=args.jobs, out=args.out)
+    return run_autograde(args.submissions, jobs_at_once=args.jobs, out=args.out, no_sandbox=args.no_sandbox)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -87,6 +87,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="notebooks executing at once (default 1)")
     p.add_argument("--out", default="autograde-out", metavar="DIR",
                    help="where grades.csv and feedback/ go (default ./autograde-out)")
+    p.add_argument("--no-sandbox", action="store_true",
+                   help="grade even where learner code cannot be isolated (bubblewrap missing); "
+                   "only for submissions you trust")
     p.set_defaults(func=_autograde)
 
     p = sub.add_parser("train", help="train the network with a hand-written backward pass",

@@ -21,9 +21,9 @@ c.OverwriteCells.add_missing_cells = True
 # The hidden tests print a short explanation; keep it readable in the feedback.
 c.LimitOutput.max_lines = 200
 
-# The plain `nbgrader autograde` / `generate_feedback` on this course get the same protection as
-# `backprop-ninja autograde`: edited or deleted test cells restored, dead or deaf kernels and
-# learner stderr survived, and no hidden-test source in the feedback.
-from backprop_ninja.autograde import harden_nbgrader  # noqa: E402
+# The plain `nbgrader autograde` / `generate_feedback` on this course grade exactly like
+# `backprop-ninja autograde`: each kernel in its sandbox, the judge outside it writing every
+# test's verdict, edited or deleted test cells restored, no hidden-test source in the feedback.
+from backprop_ninja.grading.steps import harden_nbgrader  # noqa: E402
 
 harden_nbgrader(c)

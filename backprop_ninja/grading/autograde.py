@@ -1,0 +1,271 @@
+"""``backprop-ninja grade`` (one learner, offline) and ``autograde`` (a class, in parallel).
+
+Both lay out a scratch folder, run one grading job per (student, notebook) (``jobs``:
+nbgrader with the course's steps, each kernel in its own sandbox), and collect the judge's
+scores, feedback and flags. ``autograde`` also keeps a class gradebook (an nbgrader course
+in ``out/course``) and ``grades.csv``; it refuses to grade a class where learner code cannot
+be isolated, unless told ``--no-sandbox``. ``grade`` always grades (the judge is outside
+the kernel either way) and says whether the sandbox was on.
+
+Like any multiprocessing program, a script that calls ``autograde_class`` needs an
+``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import os
+import shutil
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backprop_ninja import UserError
+from backprop_ninja.grading import jobs
+from backprop_ninja.grading.course import (ASSIGNMENT, COURSE, NOTEBOOKS, cached_template, course_notebooks,
+                                           keep_template, read_notebook)
+from backprop_ninja.grading.jobs import NotebookResult
+from backprop_ninja.grading.sandbox import Limits, probe
+
+LEARNER = "learner"                     # student id used by ``grade``
+FEEDBACK_DIR = Path("grade-feedback")   # ``grade`` writes <cwd>/grade-feedback/<stem>.html
+
+
+@dataclass
+class ClassResults:
+    """Every student's results, by notebook stem, and where the class gradebook is."""
+
+    stems: list[str]
+    max_scores: dict[str, float]
+    results: dict[str, dict[str, NotebookResult]] = field(default_factory=dict)
+    gradebook: Path | None = None
+    sandbox: str = "on"
+
+    def total(self, student: str) -> float:
+        return sum(r.score for r in self.results[student].values())
+
+    @property
+    def max_score(self) -> float:
+        return sum(self.max_scores.values())
+
+    def flags(self, student: str) -> list[str]:
+        """``stem: what (rule)`` for every source-rule finding of the student's notebooks."""
+        return [f"{stem}: {f['what']} ({f['rule']})" for stem, r in self.results[student].items()
+                for f in r.flags]
+
+
+def find_submissions(submissions: Path, stems) -> dict[str, dict[str, Path]]:
+    """{student: {stem: notebook}} from one folder per student, or nbgrader's
+    ``submitted/<student>/backprop/`` layout (given the course or its submitted/ dir)."""
+    root = Path(submissions)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder of student submissions.")
+    if (root / "submitted").is_dir():
+        root = root / "submitted"
+    found: dict[str, dict[str, Path]] = {}
+    for student_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        folder = student_dir / ASSIGNMENT if (student_dir / ASSIGNMENT).is_dir() else student_dir
+        notebooks = {}
+        for path in sorted(folder.rglob("*.ipynb")):
+            if path.stem in stems and ".ipynb_checkpoints" not in path.parts and not path.is_symlink():
+                notebooks.setdefault(path.stem, path)
+        found[student_dir.name] = notebooks
+    if not found:
+        raise UserError(f"{root} holds no student folders (expected one folder per student).")
+    return found
+
+
+def _template(scratch: Path, course: Path) -> tuple[Path, str]:
+    return cached_template(course) or keep_template(jobs.release(scratch, course), course)
+
+
+def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path | None = Path("autograde-out"),
+                    limits: Limits = Limits(), course: Path = COURSE, progress: bool = True,
+                    only: dict[str, dict[str, Path]] | None = None, feedback_to=None,
+                    isolate: bool = True) -> ClassResults:
+    """Autograde every student's notebooks, ``jobs_at_once`` notebooks executing at once.
+
+    With ``out``: ``out/grades.csv``, ``out/feedback/<student>/<stem>.html`` and ``out/course/``
+    (an nbgrader course: gradebook.db with every grade, autograded/, so ``nbgrader export``
+    and the formgrader work on it). ``only`` replaces the folder scan (``grade`` passes the
+    learner's files); ``feedback_to(student, stem)`` replaces where each HTML feedback is
+    kept (the scratch directory is deleted). ``isolate``: sandbox every kernel where
+    ``sandbox.probe()`` allows it.
+    """
+    from tqdm import tqdm
+
+    stems = list(course_notebooks(course))
+    students = only if only is not None else find_submissions(submissions, stems)
+    isolate = isolate and probe() is None
+    with tempfile.TemporaryDirectory(prefix="backprop-ninja-grading-") as tmp:
+        scratch = Path(tmp)
+        template, digest = _template(scratch, course)
+        results = ClassResults(stems=stems, max_scores=json.loads((template / "max_scores.json").read_text()),
+                               sandbox="on" if isolate else f"off ({probe() or 'not asked for'})")
+        main_course = None
+        if feedback_to is None and out is not None:
+            feedback_to = lambda student, stem: Path(out) / "feedback" / student / f"{stem}.html"  # noqa: E731
+        if out is not None:
+            out = Path(out)
+            main_course = out / "course"
+            for stale in (main_course, out / "feedback"):  # this run's results only
+                if stale.exists():
+                    shutil.rmtree(stale)
+            main_course.mkdir(parents=True)
+            for name in ("nbgrader_config.py", "gradebook.db", "source", "release"):
+                src = template / name
+                if src.is_dir():
+                    shutil.copytree(src, main_course / name)
+                elif src.exists():
+                    shutil.copyfile(src, main_course / name)
+            results.gradebook = main_course / "gradebook.db"
+        todo = []
+        for student, notebooks in students.items():
+            results.results[student] = {}
+            for stem in stems:
+                res = NotebookResult(student, stem, max_score=results.max_scores[stem])
+                results.results[student][stem] = res
+                if stem not in notebooks:
+                    res.problem = "not submitted."
+                    continue
+                try:
+                    read_notebook(notebooks[stem])
+                except UserError as exc:
+                    res.problem = str(exc)
+                    continue
+                todo.append((student, stem, notebooks[stem]))
+
+        bar = tqdm(total=len(todo), desc="autograding", unit="notebook", disable=not progress or None)
+        lock = threading.Lock()
+        unrecorded: list[str] = []
+        with ThreadPoolExecutor(max_workers=jobs_at_once) as pool:
+            futures = {pool.submit(jobs.grade_notebook, template, digest, scratch / "jobs" / f"{k:04d}",
+                                   student, stem, path, limits, isolate): (student, stem)
+                       for k, (student, stem, path) in enumerate(todo)}
+            for fut in as_completed(futures):
+                student, stem = futures[fut]
+                res = fut.result()
+                res.max_score = res.max_score or results.max_scores[stem]
+                with lock:  # one writer to the class gradebook, ever
+                    if main_course is not None and res.graded:
+                        try:
+                            jobs.merge_grades(main_course / "gradebook.db", Path(res.job_dir), student, stem)
+                        except UserError as exc:  # keep grading the class; fail at the end
+                            unrecorded.append(str(exc))
+                        dest = main_course / "autograded" / student / ASSIGNMENT
+                        dest.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(res.autograded, dest / f"{stem}.ipynb")
+                    if feedback_to is not None:
+                        res.feedback = _save_feedback(res, feedback_to(student, stem))
+                results.results[student][stem] = res
+                bar.update(1)
+        bar.close()
+        if feedback_to is not None:  # the notebooks that were never run get a note too
+            for student, per_stem in results.results.items():
+                for stem, res in per_stem.items():
+                    if res.feedback is None and (only is None or stem in students[student]):
+                        res.feedback = _save_feedback(res, feedback_to(student, stem))
+        if out is not None:
+            write_grades_csv(results, out / "grades.csv")
+        if unrecorded:
+            raise UserError(f"{len(unrecorded)} grade(s) could not be recorded in the class gradebook "
+                            f"(grades.csv has them): {unrecorded[0]}")
+        return results
+
+
+def _save_feedback(res: NotebookResult, dest: Path) -> str:
+    """nbgrader's HTML feedback, or (not graded) a one-page note saying why."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if res.feedback and Path(res.feedback).exists():
+        shutil.copyfile(res.feedback, dest)
+    else:
+        dest.write_text(
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(res.stem)}"
+            f"</title></head><body><h1>{html.escape(res.stem)}: {res.score:g} / {res.max_score:g}</h1>"
+            f"<p>{html.escape(res.problem or '')}</p></body></html>\n")
+    return str(dest.resolve())
+
+
+def write_grades_csv(results: ClassResults, path: Path) -> None:
+    """One row per student: student_id, one column per notebook, total, max_score, flags
+    (source-rule findings an instructor may want to review; empty when none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["student_id", *results.stems, "total", "max_score", "flags"])
+        for student in sorted(results.results):
+            per = results.results[student]
+            writer.writerow([student, *(f"{per[s].score:g}" for s in results.stems),
+                             f"{results.total(student):g}", f"{results.max_score:g}",
+                             "; ".join(results.flags(student))])
+
+
+def run_autograde(submissions: str, jobs_at_once: int = 1, out: str = "autograde-out",
+                  no_sandbox: bool = False) -> int:
+    """``backprop-ninja autograde``: grade a class, print where the results are."""
+    why = probe()
+    if why and not no_sandbox:
+        raise UserError(f"learner code cannot be isolated here: {why}. Install bubblewrap, or pass "
+                        "--no-sandbox to grade without isolation (only for submissions you trust).")
+    results = autograde_class(Path(submissions), jobs_at_once=jobs_at_once, out=Path(out),
+                              isolate=not no_sandbox)
+    flagged = sum(bool(results.flags(s)) for s in results.results)
+    print(f"{len(results.results)} students graded (sandbox {results.sandbox}); {flagged} flagged for review: "
+          f"{Path(out) / 'grades.csv'}, {Path(out) / 'feedback'}/<student>/<notebook>.html, "
+          f"nbgrader course in {Path(out) / 'course'}")
+    return 0
+
+
+def _learner_notebooks(paths: list[str], stems) -> dict[str, Path]:
+    if not paths:
+        paths = [str(NOTEBOOKS / f"{stem}.ipynb") for stem in stems]
+    chosen: dict[str, Path] = {}
+    for text in paths:
+        path = Path(text)
+        if not path.exists():
+            raise UserError(f"{path} does not exist.")
+        if path.is_dir() or path.suffix != ".ipynb":
+            raise UserError(f"{path} is not a notebook (.ipynb file).")
+        if path.stem not in stems:
+            raise UserError(f"{path.name} is not one of the course's notebooks "
+                            f"({', '.join(s + '.ipynb' for s in stems)}).")
+        read_notebook(path)
+        chosen[path.stem] = path
+    return chosen
+
+
+def run_grade(paths: list[str], as_json: bool = False, limits: Limits = Limits(), course: Path = COURSE) -> int:
+    """``backprop-ninja grade``: the hidden tests on the learner's notebooks, offline.
+
+    The files are copied into a scratch nbgrader course; feedback lands in
+    ``./grade-feedback/<stem>.html``.
+    """
+    stems = list(course_notebooks(course))
+    chosen = _learner_notebooks(paths, stems)
+    at_once = max(1, min(len(chosen), os.cpu_count() or 1))
+    results = autograde_class(None, jobs_at_once=at_once, out=None, limits=limits, course=course,
+                              progress=not as_json, only={LEARNER: chosen},
+                              feedback_to=lambda _student, stem: FEEDBACK_DIR / f"{stem}.html")
+    mine = {stem: res for stem, res in results.results[LEARNER].items() if stem in chosen}
+    score = sum(r.score for r in mine.values())
+    max_score = sum(r.max_score for r in mine.values())
+    if as_json:
+        print(json.dumps({"score": score, "max_score": max_score, "sandbox": results.sandbox, "notebooks": {
+            stem: {"score": r.score, "max_score": r.max_score, "problem": r.problem, "flags": r.flags,
+                   "feedback": r.feedback} for stem, r in mine.items()}}))
+        return 0
+    width = max(len(s) for s in mine)
+    print(f"{'notebook':{width}s}  {'score':>6s}  {'max':>5s}  first problem")
+    for stem, r in mine.items():
+        print(f"{stem:{width}s}  {r.score:6g}  {r.max_score:5g}  {r.problem or '-'}")
+    print(f"{'total':{width}s}  {score:6g}  {max_score:5g}")
+    if results.sandbox != "on":
+        print(f"sandbox {results.sandbox}: your code ran without isolation; the judge still ran outside it.")
+    print("feedback:")
+    for r in mine.values():
+        print(f"  {r.feedback}")
+    return 0

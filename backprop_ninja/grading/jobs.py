@@ -1,0 +1,299 @@
+"""Grading jobs: each runs nbgrader for one notebook in a process of its own.
+
+    template            the released course (``course``), verified by its digest
+    job_dir/            a copy of it, the submission copied in, then ``nbgrader autograde``
+                        (the ``steps``: sandboxed kernel, judge) and ``generate_feedback``;
+                        writes result.json                                       grade_notebook
+    class gradebook     each job's grades merged one at a time                   merge_grades
+
+A job runs in a process forked from a server that has nbgrader imported already (importing
+it costs seconds; the calling process never imports it), so N jobs are N notebooks executing
+at once, and a job that outlives its wall-clock limit is killed; its kernel dies with it
+(the sandbox's ``--die-with-parent``). SQLite is only written by one process at a time:
+each job has its own gradebook and the caller merges them one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from backprop_ninja import UserError
+from backprop_ninja.grading.course import ASSIGNMENT, copy_template
+from backprop_ninja.grading.sandbox import Limits
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@dataclass
+class NotebookResult:
+    """One (student, notebook): the judge's score and the first problem found in it."""
+
+    student: str
+    stem: str
+    score: float = 0.0
+    max_score: float = 0.0
+    problem: str | None = None          # one sentence, None when full marks
+    flags: list[dict] = field(default_factory=list)  # source-rule findings, for an instructor
+    sandbox: str = ""                   # "on" or "off: why"
+    feedback: str | None = None         # HTML feedback path (inside the job dir until copied)
+    autograded: str | None = None       # the autograded notebook (inside the job dir)
+    graded: bool = False                # nbgrader autograded it (False: missing/unreadable/killed)
+    seconds: float = 0.0                # wall-clock time of its grading job
+    job_dir: str | None = None          # where nbgrader ran (inside the scratch dir)
+
+
+# --------------------------------------------------------------------------- inside a job process
+
+
+def _enter_job(root: Path) -> None:
+    """Inside a job process: work in ``root``; nbgrader's log and stray output go to a file
+    there; nbgrader finds ``alembic`` (it runs it) even when the venv is not activated."""
+    os.chdir(root)
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    log = open(root / "nbgrader.log", "a")  # noqa: SIM115 (lives as long as the process)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    handler = logging.StreamHandler(log)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s] %(message)s"))
+    root_logger = logging.getLogger()  # traitlets' and nbgrader's loggers propagate here
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.INFO)
+    warnings.simplefilter("ignore")  # SQLAlchemy's and traitlets' notices belong to nobody's grade
+
+
+def job_config(root: Path, limits: Limits, isolate: bool):
+    """grader/nbgrader_config.py (copied into ``root``), hardened, plus this job's limits."""
+    from traitlets.config import Config
+    from traitlets.config.loader import PyFileConfigLoader
+
+    from backprop_ninja.grading.steps import harden_nbgrader
+
+    config = Config()
+    if (root / "nbgrader_config.py").exists():
+        config.merge(PyFileConfigLoader("nbgrader_config.py", path=str(root)).load_config())
+    harden_nbgrader(config)
+    c = Config()
+    c.CourseDirectory.root = str(root)
+    c.CourseDirectory.db_url = f"sqlite:///{root / 'gradebook.db'}"
+    for name in ("Execute", "ExecutePreprocessor", "NotebookClient"):
+        c[name].timeout = limits.cell_timeout
+        c[name].error_on_timeout = {
+            "ename": "CellTimeoutError",
+            "evalue": f"this cell ran longer than its {limits.cell_timeout} s limit and was stopped",
+            "traceback": [f"CellTimeoutError: this cell ran longer than its {limits.cell_timeout} s limit "
+                          "and was stopped"]}
+    c.Execute.startup_timeout = max(60, limits.cell_timeout)
+    box = c.SandboxedExecute
+    box.isolate, box.scratch = isolate, str(root)
+    box.memory, box.processes, box.file_bytes = limits.memory, limits.processes, limits.file_bytes
+    box.home_bytes, box.output_bytes = limits.home_bytes, limits.output_bytes
+    box.notebook_output_bytes = limits.notebook_output_bytes
+    c.GenerateAssignment.create_assignment = True
+    c.RestoreCells.source_dir = str(root / "source" / ASSIGNMENT)
+    config.merge(c)
+    return config
+
+
+def _coursedir(root: Path, config, student: str = ".", notebook: str = "*"):
+    from nbgrader.coursedir import CourseDirectory
+
+    coursedir = CourseDirectory(config=config)
+    coursedir.root = str(root)
+    coursedir.assignment_id = ASSIGNMENT
+    coursedir.student_id = student
+    coursedir.notebook_id = notebook
+    return coursedir
+
+
+def generate_job(root: str) -> None:
+    """Job process: ``nbgrader generate_assignment`` in a copy of the course; max_scores.json."""
+    from nbgrader.api import Gradebook
+    from nbgrader.converters import GenerateAssignment
+
+    root_path = Path(root)
+    _enter_job(root_path)
+    config = job_config(root_path, Limits(), isolate=False)
+    app = GenerateAssignment(coursedir=_coursedir(root_path, config), config=config)
+    app.force = True
+    app.start()
+    with Gradebook(config.CourseDirectory.db_url) as gb:
+        max_scores = {nb.name: float(nb.max_score) for nb in gb.find_assignment(ASSIGNMENT).notebooks}
+    (root_path / "max_scores.json").write_text(json.dumps(max_scores))
+
+
+def autograde_job(root: str, student: str, stem: str, limits: dict, isolate: bool) -> None:
+    """Job process: ``nbgrader autograde`` then ``generate_feedback`` for one notebook;
+    writes ``result.json`` (score, max_score, problem, flags, sandbox, paths) in ``root``."""
+    import nbformat
+    from nbgrader.api import Gradebook
+    from nbgrader.converters import Autograde, GenerateFeedback
+
+    root_path = Path(root)
+    _enter_job(root_path)
+    config = job_config(root_path, Limits(**limits), isolate)
+    coursedir = _coursedir(root_path, config, student, stem)
+    app = Autograde(coursedir=coursedir, config=config)
+    app.force = True
+    app.create_student = True
+    app.start()
+    feedback = GenerateFeedback(coursedir=coursedir, config=config)
+    feedback.force = True
+    feedback.start()
+    autograded = root_path / "autograded" / student / ASSIGNMENT / f"{stem}.ipynb"
+    html = root_path / "feedback" / student / ASSIGNMENT / f"{stem}.html"
+    with Gradebook(config.CourseDirectory.db_url) as gb:
+        nb = gb.find_submission_notebook(stem, ASSIGNMENT, student)
+        score, max_score = float(nb.score), float(nb.max_score)
+    found = nbformat.read(str(autograded), as_version=4).metadata.get("backprop_ninja", {})
+    (root_path / "result.json").write_text(json.dumps({
+        "score": score, "max_score": max_score, "problem": first_problem(autograded),
+        "flags": found.get("flags", []), "sandbox": found.get("sandbox", ""),
+        "autograded": str(autograded), "feedback": str(html) if html.exists() else None}))
+
+
+def first_problem(autograded: Path) -> str | None:
+    """The first test cell short of full marks, in one line: its verdict's first problem."""
+    import nbformat
+    from nbgrader import utils
+
+    for cell in nbformat.read(str(autograded), as_version=4).cells:
+        if cell.cell_type != "code" or not utils.is_grade(cell) or utils.is_solution(cell):
+            continue
+        score, max_score = utils.determine_grade(cell)
+        if score is None or score >= max_score:
+            continue
+        text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+        lines = [line for line in text.splitlines() if line.strip()]
+        line = next((x for x in lines if x.startswith(("Score 0", " ", "This test"))), lines[0] if lines else "")
+        return f"{cell.metadata['nbgrader']['grade_id']}: {one_line(line or f'{score:g}/{max_score:g}')}"
+    return None
+
+
+def one_line(text: str, width: int = 300) -> str:
+    text = " ".join(_ANSI.sub("", text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def merge_job(gradebook: str, job_dir: str, student: str, stem: str) -> None:
+    """Job process: copy one job's grades into the class gradebook (the caller serialises)."""
+    from nbgrader.api import Gradebook, MissingEntry
+
+    job_path, gradebook_path = Path(job_dir), Path(gradebook).resolve()
+    _enter_job(job_path)
+    with Gradebook(f"sqlite:///{job_path / 'gradebook.db'}") as job, \
+            Gradebook(f"sqlite:///{gradebook_path}") as main:
+        main.update_or_create_student(student)
+        try:
+            main.find_submission(ASSIGNMENT, student)
+        except MissingEntry:
+            main.add_submission(ASSIGNMENT, student)
+        for grade in job.find_submission_notebook(stem, ASSIGNMENT, student).grades:
+            target = main.find_grade(grade.name, stem, ASSIGNMENT, student)
+            target.auto_score = grade.auto_score
+            target.manual_score = grade.manual_score
+            target.needs_manual_grade = grade.needs_manual_grade
+        main.db.commit()
+
+
+# --------------------------------------------------------------------------- from the caller
+
+
+def _context():
+    """Jobs fork from a server that has already imported nbgrader (seconds saved per job)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["backprop_ninja.grading.steps", "nbgrader.converters", "nbgrader.api",
+                                "nbgrader.preprocessors", "nbclient", "nbconvert"])
+    return ctx
+
+
+def run_process(target, args: tuple, timeout: float) -> int | None:
+    """Run ``target(*args)`` in a job process; exit code, or None when it was killed at ``timeout``
+    (its sandboxed kernel dies with it)."""
+    proc = _context().Process(target=target, args=args, daemon=True)
+    proc.start()
+    try:
+        proc.join(timeout)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            return None  # noqa: B012 - the kill is the answer, whatever interrupted the wait
+    return proc.exitcode
+
+
+def grade_notebook(template: Path, digest: str, job_dir: Path, student: str, stem: str, notebook: Path,
+                   limits: Limits, isolate: bool) -> NotebookResult:
+    """Autograde one submitted notebook in ``job_dir`` (a verified copy of the template).
+
+    A job that fails without reaching its wall-clock limit (nbgrader raised, e.g. a kernel
+    that could not start) is run once more in a fresh directory before the notebook is
+    declared ungradable.
+    """
+    result = NotebookResult(student=student, stem=stem)
+    started = time.perf_counter()
+    for attempt in range(2):
+        run_dir = job_dir if attempt == 0 else job_dir.with_name(job_dir.name + "-retry")
+        copy_template(template, digest, run_dir)
+        submitted = run_dir / "submitted" / student / ASSIGNMENT
+        submitted.mkdir(parents=True)
+        shutil.copyfile(notebook, submitted / f"{stem}.ipynb")  # a copy: the learner's file stays as is
+        code = run_process(autograde_job, (str(run_dir), student, stem, asdict(limits), isolate),
+                           timeout=max(1.0, limits.notebook_timeout - (time.perf_counter() - started)))
+        result.job_dir = str(run_dir)
+        if code is None or (code == 0 and (run_dir / "result.json").exists()):
+            break
+    result.seconds = time.perf_counter() - started
+    if code is None:
+        result.problem = (f"grading was stopped after {limits.notebook_timeout} s (the notebook's "
+                          "wall-clock limit); nothing it computed counts.")
+    elif code != 0 or not (run_dir / "result.json").exists():
+        result.problem = "nbgrader could not grade this notebook: " + _log_reason(run_dir / "nbgrader.log")
+    else:
+        data = json.loads((run_dir / "result.json").read_text())
+        result.score, result.max_score = data["score"], data["max_score"]
+        result.problem, result.flags, result.sandbox = data["problem"], data["flags"], data["sandbox"]
+        result.feedback, result.autograded = data["feedback"], data["autograded"]
+        result.graded = True
+    return result
+
+
+def _log_reason(log: Path) -> str:
+    """The last exception line of a job's log (``KeyError: 'x'``), else its last ERROR line."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    errors = ([line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)
+               and "NbGraderException" not in line]
+              or [line for line in lines if "ERROR" in line])
+    return one_line(errors[-1] if errors else "no log was written") + "."
+
+
+def merge_grades(gradebook: Path, job_dir: Path, student: str, stem: str) -> None:
+    """Merge one job's grades into the class gradebook, in a job process. One caller at a time."""
+    code = run_process(merge_job, (str(Path(gradebook).resolve()), str(job_dir), student, stem), timeout=300)
+    if code != 0:
+        raise UserError(f"recording {student}/{stem} in {gradebook} failed: " + _log_reason(job_dir / "nbgrader.log"))
+
+
+def release(scratch: Path, course: Path) -> Path:
+    """``nbgrader generate_assignment`` on a copy of ``course`` in ``scratch``; the released template."""
+    template = scratch / "template"
+    template.mkdir(parents=True)
+    if (course / "nbgrader_config.py").exists():
+        shutil.copy2(course / "nbgrader_config.py", template / "nbgrader_config.py")
+    shutil.copytree(course / "source" / ASSIGNMENT, template / "source" / ASSIGNMENT,
+                    ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+    code = run_process(generate_job, (str(template),), timeout=300)
+    if code != 0 or not (template / "max_scores.json").exists():
+        log = (template / "nbgrader.log").read_text() if (template / "nbgrader.log").exists() else ""
+        raise UserError(f"nbgrader generate_assignment failed on {course} (see its log: {one_line(log[-300:])}).")
+    return template

@@ -1,0 +1,304 @@
+"""The box a learner's kernel runs in: bubblewrap namespaces, its own uid, resource limits.
+
+Grading runs untrusted code (the learner's notebook), so its kernel starts inside a
+bubblewrap sandbox (``bwrap``, a Debian package):
+
+- its own uid: a fresh unprivileged one when the grader is root, else the grader's own
+  mapped in a user namespace; no capabilities, no new privileges;
+- its own mount namespace: /usr, /etc and the Python environment read-only, the course
+  package read-only *without* its ``grading/`` folder (what decides a grade is not even
+  visible), the data folder read-only, and small in-memory /tmp and home folders.
+  Nothing else of the machine: no other submission, no output folder, no course template;
+- no network (its own network namespace): the grader reaches it over Unix sockets
+  (ZeroMQ's ``ipc`` transport) in a folder it can no longer write to once it is up;
+- its own PID namespace: it cannot see or signal any other process, and everything it
+  starts dies with it (``--die-with-parent``; the namespace ends with its init);
+- limits inherited by everything it starts: address space, CPU seconds, processes
+  (root only: the count is per uid), file size, no core dumps; plus the wall-clock
+  limit of the job that runs it.
+
+Its only way back to the grader is the hand-in box: ``in/`` (read-only) holds what the
+grader put there, ``out/`` holds files the grader created, which the kernel may fill up
+to the file-size limit but never add to. Where bubblewrap is missing or cannot make
+namespaces (macOS, some containers), ``probe()`` says why and the kernel runs with the
+resource limits only: the sandbox is off.
+
+The grader starts a kernel with ``Box.kernel_argv()``: this module's ``main`` (run as
+the grader, outside the box) sets the limits, points the kernel's output at
+``kernel.log`` and replaces itself with ``bwrap``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import secrets
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HOME = "/home/learner"     # the kernel's home and working folder, inside the box
+HANDIN = "/handin"         # the hand-in box, inside the box
+HANDIN_ENV = "BACKPROP_NINJA_HANDIN"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one notebook may use. ``cell_timeout``: seconds per cell; ``notebook_timeout``:
+    wall-clock seconds for the whole grading job; ``memory``: bytes of address space per
+    process (torch needs ~1.5 GB of it just to import); ``processes``: processes and threads
+    of the kernel's uid (ipykernel and torch start ~10); ``file_bytes``: the largest file
+    it may write; ``home_bytes``: its in-memory home and /tmp, each; ``output_bytes``: what
+    the grader keeps of a cell's output, ``notebook_output_bytes`` of the whole notebook's."""
+
+    cell_timeout: int = 180
+    notebook_timeout: int = 900
+    memory: int = 4 << 30
+    processes: int = 64
+    file_bytes: int = 64 << 20
+    home_bytes: int = 128 << 20
+    output_bytes: int = 256 << 10
+    notebook_output_bytes: int = 2 << 20
+
+
+def _bwrap() -> str | None:
+    return shutil.which("bwrap")
+
+
+@functools.cache
+def probe() -> str | None:
+    """None when kernels can be isolated here; else one sentence saying why not."""
+    if not sys.platform.startswith("linux"):
+        return f"bubblewrap needs Linux; this is {sys.platform}"
+    if _bwrap() is None:
+        return "bubblewrap (bwrap) is not installed (Debian: apt-get install bubblewrap)"
+    probe_box = [*_namespaces(), *_system_binds(), "--", "/bin/true"]
+    if os.geteuid() == 0:
+        probe_box[-1:] = ["setpriv", *_drop_privileges(_fresh_uid()), "/bin/true"]
+    try:
+        run = subprocess.run([_bwrap(), *probe_box], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"bubblewrap could not run ({exc})"
+    if run.returncode != 0:
+        return f"bubblewrap cannot create namespaces here ({run.stderr.strip()[:200]})"
+    return None
+
+
+def _namespaces() -> list[str]:
+    """Every namespace but the user one for root (it keeps the host's uids, so the kernel can
+    get a fresh one); all of them, user namespace included, for anyone else."""
+    common = ["--die-with-parent", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+              "--unshare-cgroup-try"]
+    return common if os.geteuid() == 0 else [*common, "--unshare-user", "--disable-userns"]
+
+
+def _system_binds() -> list[str]:
+    """/usr and /etc read-only, the top-level links of a merged-/usr system, /proc, /dev."""
+    args = ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc", "--ro-bind-try", "/sys", "/sys"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    return [*args, "--proc", "/proc", "--dev", "/dev"]
+
+
+def _drop_privileges(uid: int) -> list[str]:
+    """setpriv's arguments that turn root into ``uid`` with no capability left."""
+    return [f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs", "--"]
+
+
+def _fresh_uid() -> int:
+    """An unprivileged uid no running process has (so its process limit is this kernel's alone)."""
+    taken = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            taken |= {int(f) for line in status.read_text().splitlines()
+                      if line.startswith("Uid:") for f in line.split()[1:]}
+        except (OSError, ValueError):
+            continue
+    while (uid := 2_000_000 + secrets.randbelow(1 << 24)) in taken:
+        pass
+    return uid
+
+
+def _parents(path: str) -> list[str]:
+    """``--dir`` for every parent of ``path`` (bwrap would make them 0700: unreadable for the uid)."""
+    args, parts = [], Path(path).parts
+    for i in range(2, len(parts)):
+        args += ["--perms", "0755", "--dir", str(Path(*parts[:i]))]
+    return args
+
+
+def _read_only(*paths: str) -> list[str]:
+    args: list[str] = []
+    for p in dict.fromkeys(str(Path(p)) for p in paths):
+        args += [*_parents(p), "--ro-bind", p, p]
+    return args
+
+
+class Box:
+    """One kernel's sandbox: the folder ``root`` (made by the grader, never visible whole to
+    the kernel) with ``runtime/`` (its sockets), ``in/`` and ``out/`` (the hand-in box) and
+    ``kernel.log`` (what the kernel process itself writes to stdout/stderr)."""
+
+    def __init__(self, root: Path, limits: Limits = Limits(), isolate: bool = True,
+                 env: dict[str, str] | None = None):
+        self.root = Path(root)
+        self.limits = limits
+        self.isolate = isolate and probe() is None
+        self.root_mode = os.geteuid() == 0
+        self.uid = _fresh_uid() if self.isolate and self.root_mode else os.getuid()
+        self.env = dict(env or {})
+        self.runtime, self.inbox, self.outbox = (self.root / d for d in ("runtime", "in", "out"))
+        for d in (self.runtime, self.inbox, self.outbox):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o755)
+        if self.isolate and self.root_mode:
+            os.chown(self.runtime, self.uid, self.uid)  # the kernel binds its sockets here
+
+    @property
+    def handin(self) -> str:
+        """The hand-in folder as the kernel sees it."""
+        return HANDIN if self.isolate else str(self.root)
+
+    def kernel_argv(self) -> list[str]:
+        """A kernelspec argv: this module's launcher, then the connection file."""
+        spec = {"root": str(self.root), "limits": asdict(self.limits), "isolate": self.isolate,
+                "uid": self.uid, "env": self.env}
+        return [sys.executable, "-m", "backprop_ninja.grading.sandbox", json.dumps(spec),
+                "{connection_file}"]
+
+    def lock(self) -> None:
+        """Once the kernel's sockets exist: it may no longer add files to ``runtime/``."""
+        if self.isolate and self.root_mode:
+            os.chown(self.runtime, 0, 0)
+            os.chmod(self.runtime, 0o755)
+
+    # -- the hand-in box ------------------------------------------------------------------
+
+    def put(self, name: str, data: bytes) -> None:
+        """A file the kernel may read (it cannot write ``in/``)."""
+        (self.inbox / name).write_bytes(data)
+
+    def slot(self, name: str) -> None:
+        """An empty file in ``out/`` that the kernel may fill (``out/`` itself stays the grader's)."""
+        path = self.outbox / name
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        if self.isolate and self.root_mode:
+            os.chown(path, self.uid, self.uid)
+
+    def take(self, name: str, max_bytes: int) -> bytes | None:
+        """What the kernel wrote into slot ``name`` (None: empty, too big or not a plain file),
+        read without following links; the slot is removed."""
+        dir_fd = os.open(self.outbox, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+        except OSError:
+            os.close(dir_fd)
+            return None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or not 0 < info.st_size <= max_bytes:
+                return None
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read(max_bytes + 1)[:max_bytes]
+        finally:
+            os.close(fd)
+            os.unlink(name, dir_fd=dir_fd)
+            os.close(dir_fd)
+
+    def clear_inbox(self) -> None:
+        for path in self.inbox.iterdir():
+            path.unlink()
+
+
+# --- the launcher: runs as the grader, outside the box, then becomes bwrap ---------------------
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("BACKPROP_NINJA_DATA", _package_dir().parent / "data")).resolve()
+
+
+def _kernel_env(spec: dict, handin: str, home: str) -> dict[str, str]:
+    env = {"HOME": home, "USER": "learner", "LOGNAME": "learner", "LANG": "C.UTF-8",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
+           "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", HANDIN_ENV: handin,
+           "BACKPROP_NINJA_DATA": str(_data_dir())}
+    return {**env, **spec["env"]}
+
+
+def _set_limits(limits: dict, uid_limit: bool) -> None:
+    cpu = 2 * limits["notebook_timeout"]
+    resource.setrlimit(resource.RLIMIT_AS, (limits["memory"], limits["memory"]))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_bytes"], limits["file_bytes"]))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if uid_limit:  # counted per uid: only meaningful for a uid of the kernel's own
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"], limits["processes"]))
+
+
+def _bwrap_argv(spec: dict, connection: str, kernel: list[str]) -> list[str]:
+    root, limits, uid = Path(spec["root"]), spec["limits"], spec["uid"]
+    package = _package_dir()
+    home_size = str(limits["home_bytes"])
+    args = [_bwrap(), *_namespaces(), *_system_binds(),
+            "--perms", "1777", "--size", home_size, "--tmpfs", "/tmp",
+            *_read_only(sys.base_prefix, sys.prefix, str(package)),
+            "--perms", "0755", "--size", "4096", "--tmpfs", str(package / "grading"),
+            *_read_only(str(_data_dir())),
+            *_parents(HOME), "--perms", "0700" if not spec["uid_switch"] else "1777", "--size", home_size,
+            "--tmpfs", HOME,
+            *_parents(str(root / "runtime")), "--bind", str(root / "runtime"), str(root / "runtime"),
+            *_parents(HANDIN + "/in"), "--ro-bind", str(root / "in"), HANDIN + "/in",
+            "--bind", str(root / "out"), HANDIN + "/out",
+            "--chdir", HOME, "--clearenv"]
+    for key, value in _kernel_env(spec, HANDIN, HOME).items():
+        args += ["--setenv", key, value]
+    args.append("--")
+    if spec["uid_switch"]:
+        args += ["setpriv", *_drop_privileges(uid)]
+    return [*args, *kernel]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m backprop_ninja.grading.sandbox SPEC CONNECTION_FILE [kernel args]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    spec, connection, extra = json.loads(argv[0]), argv[1], argv[2:]
+    root = Path(spec["root"])
+    spec["uid_switch"] = spec["isolate"] and os.geteuid() == 0
+    # The grader's connection file is private to it; the kernel reads a copy in its runtime folder.
+    copy = root / "runtime" / "kernel.json"
+    copy.write_bytes(Path(connection).read_bytes())
+    os.chmod(copy, 0o644)
+    kernel = [sys.executable, "-m", "ipykernel_launcher", "-f", str(copy), *extra]
+    log = os.open(root / "kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    _set_limits(spec["limits"], uid_limit=spec["uid_switch"])
+    if spec["isolate"]:
+        cmd = _bwrap_argv(spec, str(copy), kernel)
+        os.execv(cmd[0], cmd)
+    os.chdir(root)
+    env = {**os.environ, **_kernel_env(spec, str(root), str(root / "home"))}
+    (root / "home").mkdir(exist_ok=True)
+    os.execve(kernel[0], kernel, env)
+
+
+if __name__ == "__main__":
+    main()
