@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 BACKPROP_NINJA_NAMES ?=
 export BACKPROP_NINJA_NAMES
 
-.PHONY: install install-test data lab test lint build build-check browser-deps clean
+.PHONY: install install-test data lab test lint build build-check system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,9 +46,11 @@ build: data
 build-check: data
 	$(BIN)/backprop-ninja build --check
 
-# Debian's Chromium for the browser test (root, as on CI); a no-op when present.
-browser-deps:
-	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }
+# Debian packages (root, as on CI; a no-op when present): bubblewrap, the sandbox every graded
+# kernel runs in, and Chromium for the browser test.
+system-deps:
+	@command -v bwrap >/dev/null && command -v chromium >/dev/null || \
+		{ apt-get update -q && apt-get install -y -q bubblewrap chromium chromium-driver; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,174 @@
+"""The box a graded kernel runs in, probed from inside a real sandboxed kernel: its own uid, no
+view of the machine beyond what it needs, no network, no other process, its limits, and
+nothing it starts outlives it. (The graded pipeline itself is tested in test_grading.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from backprop_ninja.grading import course
+from backprop_ninja.grading.sandbox import Box, Limits, probe
+from backprop_ninja.grading.steps import BoxedKernelManager
+
+pytestmark = pytest.mark.slow
+
+
+def _require_sandbox():
+    why = probe()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"the grading sandbox must work on CI: {why} (`make system-deps` installs bubblewrap)")
+        pytest.skip(why)
+
+
+class Kernel:
+    """A kernel in a Box, driven from the test: ``run(code)`` -> (status, stdout, error)."""
+
+    def __init__(self, box: Box):
+        self.box, self.loop = box, asyncio.new_event_loop()
+        self.km = BoxedKernelManager(transport="ipc", ip=str(box.runtime / "kernel"),
+                                     connection_file=str(box.root / "connection.json"))
+        self.km.box = box
+        self.loop.run_until_complete(self.km.start_kernel())
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.loop.run_until_complete(self.kc.wait_for_ready(timeout=60))
+        box.lock()
+
+    def run(self, code: str, timeout: float = 60):
+        out, err = [], []
+
+        def hook(msg):
+            if msg["msg_type"] == "stream":
+                out.append(msg["content"]["text"])
+            elif msg["msg_type"] == "error":
+                err.append(f"{msg['content']['ename']}: {msg['content']['evalue']}")
+
+        reply = self.loop.run_until_complete(self.kc.execute_interactive(code, timeout=timeout, output_hook=hook))
+        return reply["content"]["status"], "".join(out), "".join(err)
+
+    def value(self, expression: str):
+        status, out, err = self.run(f"print(repr({expression}))")
+        assert status == "ok", err
+        return eval(out)  # noqa: S307 - our own repr of plain values
+
+    def stop(self):
+        self.kc.stop_channels()
+        self.loop.run_until_complete(self.km.shutdown_kernel(now=True))
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    _require_sandbox()
+    root = tmp_path_factory.mktemp("box")
+    os.environ["BACKPROP_NINJA_TEST_SECRET"] = "grader-only"
+    box = Box(root, Limits(home_bytes=8 << 20, file_bytes=4 << 20), isolate=True)
+    box.put("task.json", b"{}")
+    box.slot("case-0.safetensors")
+    k = Kernel(box)
+    yield k
+    k.stop()
+    del os.environ["BACKPROP_NINJA_TEST_SECRET"]
+
+
+def test_it_runs_as_an_unprivileged_uid_of_its_own(kernel):
+    uid = kernel.value("__import__('os').getuid()")
+    assert uid == kernel.box.uid
+    if os.geteuid() == 0:
+        assert uid not in (0, os.getuid()) and uid >= 1_000_000
+        assert kernel.value("open('/proc/self/status').read().split('CapEff:')[1].split()[0]") == "0" * 16
+
+
+def test_it_sees_no_course_source_no_other_job_and_no_grader_code(kernel, tmp_path):
+    neighbour = kernel.box.root.parent / "another-student"
+    neighbour.mkdir(exist_ok=True)
+    for path in (course.COURSE / "source", course.SOLUTIONS, Path.home() / ".cache", neighbour,
+                 kernel.box.root / "connection.json", course.REPO / ".git"):
+        assert not kernel.value(f"__import__('os').path.exists({str(path)!r})"), path
+    assert kernel.value(f"sorted(__import__('os').listdir({str(kernel.box.root)!r}))") == ["runtime"]
+    status, _, err = kernel.run("import backprop_ninja.grading.judge")
+    assert status == "error" and "ModuleNotFoundError" in err
+    status, _, _ = kernel.run("import torch, backprop_ninja.model, backprop_ninja.handin")
+    assert status == "ok"  # what a learner's notebook needs is there
+
+
+def test_it_inherits_none_of_the_graders_environment(kernel):
+    env = kernel.value("dict(__import__('os').environ)")
+    assert "BACKPROP_NINJA_TEST_SECRET" not in env and "BACKPROP_NINJA_JUDGE_SEED" not in env
+    assert env["HOME"] == "/home/learner"
+
+
+def test_it_has_no_network(kernel):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        status, _, err = kernel.run(f"__import__('socket').create_connection(('127.0.0.1', {port}), timeout=3)")
+    assert status == "error" and ("refused" in err or "unreachable" in err), err
+
+
+def test_it_sees_and_signals_no_other_process(kernel):
+    pids = kernel.value("sorted(int(p) for p in __import__('os').listdir('/proc') if p.isdigit())")
+    assert len(pids) < 10, pids
+    status, _, err = kernel.run(f"__import__('os').kill({os.getpid()}, 0)")
+    assert status == "error" and ("ProcessLookupError" in err or "PermissionError" in err)
+
+
+def test_it_writes_only_its_small_home_and_tmp(kernel):
+    for path in ("/usr/x", "/etc/x", f"{course.REPO}/backprop_ninja/x", f"{course.REPO}/data/x",
+                 f"{kernel.box.runtime}/x", "/handin/in/x", "/handin/out/new"):
+        status, _, err = kernel.run(f"open({path!r}, 'w')")
+        assert status == "error", path
+    assert kernel.run("open('/home/learner/notes.txt', 'w').write('ok')")[0] == "ok"
+    status, _, err = kernel.run("open('/tmp/big', 'wb').write(b'x' * (5 << 20))")  # over file_bytes
+    assert status == "error" and "File too large" in err, err
+    status, _, err = kernel.run("for i in range(4): open(f'/tmp/part{i}', 'wb').write(b'x' * (3 << 20))")
+    assert status == "error" and "No space left" in err, err  # over home_bytes (the size of /tmp)
+
+
+def test_it_may_fill_the_slots_the_grader_made_and_nothing_else(kernel):
+    assert kernel.run("open('/handin/out/case-0.safetensors', 'wb').write(b'x')")[0] == "ok"
+    assert kernel.run("open('/handin/in/task.json').read()")[0] == "ok"
+    status, _, _ = kernel.run("__import__('os').symlink('/etc/passwd', '/handin/out/link')")
+    assert status == "error"
+
+
+def test_its_limits_are_set(kernel):
+    limits = kernel.value("[__import__('resource').getrlimit(getattr(__import__('resource'), n))[0] "
+                          "for n in ('RLIMIT_AS', 'RLIMIT_FSIZE', 'RLIMIT_CORE')]")
+    assert limits == [Limits.memory, 4 << 20, 0]
+
+
+def test_everything_it_starts_dies_with_it(tmp_path):
+    _require_sandbox()
+    token = str(100000 + secrets.randbelow(800000))
+    k = Kernel(Box(tmp_path, isolate=True))
+    status, _, err = k.run(
+        "import subprocess\n"
+        f"subprocess.Popen(['sh', '-c', 'sleep {token} & sleep {token}'], start_new_session=True)")
+    assert status == "ok", err
+    time.sleep(1)
+    assert _running(token), "the daemon should be running while the kernel is"
+    k.stop()
+    deadline = time.monotonic() + 10
+    while _running(token) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(token)
+
+
+def _running(token: str) -> bool:
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and token in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                return "\nState:\tZ" not in (proc / "status").read_text()
+        except OSError:
+            continue
+    return False
