@@ -18,6 +18,7 @@ costs one point. Exercise 4 also trains a small network with the learner's backw
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -227,11 +228,16 @@ def _judge_parameters(session: Session, ex: Exercise, points: float) -> Verdict:
                    + [f"  {failures[n]}" for n in PARAM_NAMES if n in failures])
 
 
-def _training_inputs(case: Case, seed: int) -> dict[str, torch.Tensor]:
-    """Start parameters (float64), the minibatches and the learning rate of every step."""
+@functools.cache
+def _training_set() -> tuple[torch.Tensor, torch.Tensor]:
     from backprop_ninja import data
 
-    (Xtr, Ytr), _, _ = data.lecture_splits(data.load_words())
+    return data.lecture_splits(data.load_words())[0]
+
+
+def _training_inputs(case: Case, seed: int) -> dict[str, torch.Tensor]:
+    """Start parameters (float64), the minibatches and the learning rate of every step."""
+    Xtr, Ytr = _training_set()
     params = model.init_params(Config(n_hidden=case.n_hidden), seed=seed, dtype=torch.float64)
     ix = torch.randint(0, Xtr.shape[0], (case.steps, case.n), generator=torch.Generator().manual_seed(seed))
     return {**params, "Xb": Xtr[ix], "Yb": Ytr[ix], "lr": torch.full((case.steps,), 0.1, dtype=torch.float64)}
@@ -242,9 +248,12 @@ def autograd_training(inputs: dict[str, torch.Tensor], steps: int) -> tuple[dict
     params = {k: inputs[k] for k in PARAM_NAMES}
     losses = []
     for step in range(steps):
-        tensors, grads = model.autograd_reference(params, inputs["Xb"][step], inputs["Yb"][step])
-        losses.append(float(tensors["loss"]))
-        params = {k: params[k] - inputs["lr"][step] * grads[k] for k in PARAM_NAMES}
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            loss = model.forward(leaves, inputs["Xb"][step], inputs["Yb"][step])["loss"]
+            loss.backward()
+        losses.append(float(loss))
+        params = {k: (leaves[k] - inputs["lr"][step] * leaves[k].grad).detach() for k in PARAM_NAMES}
     return params, losses
 
 

@@ -282,16 +282,16 @@ class JudgeVerdicts(NbGraderPreprocessor):
                 continue
             test, points = _grade_id(cell), float(cell.metadata.nbgrader.points)
             earlier = [(i, f) for i, f in found if i < index]
-            if earlier:
-                score, lines = 0.0, _flag_text(earlier)
-            elif session is None or test not in judge.EXERCISES:
+            if session is None or test not in judge.EXERCISES:
                 score, lines = 0.0, [f"Score 0: no judge for test {test!r}: grade this course with "
                                      "backprop-ninja or an nbgrader_config.py that calls harden_nbgrader."]
+            elif earlier:
+                score, lines = 0.0, _flag_text(earlier)
             else:
                 verdict = session.verdict(test, points)
                 score, lines = verdict.score, verdict.lines
-                if test not in session.returned or _nothing_handed_in(session, test):
-                    lines = _why_not_run(cell) + lines
+            if session is not None and _nothing_handed_in(session, test):
+                lines = _why_not_run(cell) + lines
             cell.outputs = [
                 NotebookNode(output_type="stream", name="stdout", text="\n".join(lines) + "\n"),
                 NotebookNode(output_type="execute_result", execution_count=cell.get("execution_count"),
@@ -309,7 +309,7 @@ class JudgeVerdicts(NbGraderPreprocessor):
 
 
 def _nothing_handed_in(session, test) -> bool:
-    return all(r.problem == "nothing was handed in" for r in session.returned.get(test, []))
+    return all(r.problem == "nothing was handed in" for r in session.returned.get(test, [None]) if r)
 
 
 def _why_not_run(cell) -> list[str]:
