@@ -11,9 +11,11 @@ from backprop_ninja import check, model
 from backprop_ninja.check import diagnose, diagnose_one
 
 
-def fresh(seed, dtype=torch.float32, n=32, n_hidden=64):
-    """Fresh parameters and batch: (tensors, ref) as the hidden tests make them."""
+def fresh(seed, dtype=torch.float32, n=32, n_hidden=64, logit_scale=1.0):
+    """Fresh parameters and batch: (tensors, ref) as the hidden tests make them (``logit_scale``:
+    W2 scaled up, for logits large enough that the chunked forward's exp underflows)."""
     p = model.init_params(model.Config(n_hidden=n_hidden), seed=seed, dtype=dtype)
+    p["W2"] = p["W2"] * logit_scale
     g = torch.Generator().manual_seed(seed + 1000)
     Xb = torch.randint(0, 27, (n, 3), generator=g)
     Yb = torch.randint(0, 27, (n,), generator=g)
@@ -74,6 +76,65 @@ def stepwise(t, dC="loop", fused_logits=False, fused_bn=False):
         onehot = F.one_hot(t["Xb"].view(-1), num_classes=t["C"].shape[0]).to(t["C"].dtype)
         d["C"] = onehot.T @ d["emb"].view(-1, d["emb"].shape[-1])
     return d
+
+
+def loss_as_function_of(tensors, var):
+    """The loss as a function of variable ``var`` alone: every line after ``var`` recomputed from
+    ``value``, everything else as in ``tensors``."""
+    names = [name for name, _, _ in model.GRAPH]
+    rest = model.GRAPH if var in model.PARAM_NAMES else model.GRAPH[names.index(var) + 1:]
+
+    def loss(value):
+        values = {**tensors, var: value}
+        for name, inputs, op in rest:
+            values[name] = op(*(values[i] for i in inputs))
+        return values["loss"]
+    return loss
+
+
+# Finite differences of the loss, the ways a learner might compute them (L(s): the loss with one
+# entry moved by s). Each is an estimate of dloss/dvar that a tolerance must reject.
+def central(L, h):
+    return (L(h) - L(-h)) / (2 * h)
+
+
+def fourth_order(L, h):
+    return (8 * (L(h) - L(-h)) - (L(2 * h) - L(-2 * h))) / (12 * h)
+
+
+def richardson(L, h):  # central differences at h and h/2, extrapolated: error O(h**4)
+    return (4 * central(L, h / 2) - central(L, h)) / 3
+
+
+def richardson2(L, h):  # two levels of extrapolation: error O(h**6)
+    return (16 * richardson(L, h / 2) - richardson(L, h)) / 15
+
+
+FD_VARIANTS = ([(central, h) for h in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)]
+               + [(fourth_order, h) for h in (3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4)]
+               + [(richardson, h) for h in (3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3)]
+               + [(richardson2, h) for h in (1.0, 3e-1, 1e-1, 3e-2, 1e-2, 3e-3)])
+# A finite difference gets these exactly, so no tolerance can reject it there: the loss is linear
+# in logprobs, and does not depend on logit_maxes or b1 at all (their gradients are ~0).
+FD_EXACT = ("logprobs", "logit_maxes", "b1")
+
+
+def finite_differences(tensors, var, variants=FD_VARIANTS):
+    """{(method name, h): the finite-difference estimate of dloss/d``var``}, in ``tensors``' dtype,
+    every entry of ``var`` moved in turn (vectorised with torch.func.vmap)."""
+    x = tensors[var]
+    offsets = set()
+    for method, h in variants:  # which moves each method needs
+        method(lambda s: offsets.add(s) or 0.0, h)
+    loss = torch.func.vmap(loss_as_function_of(tensors, var))
+    moves = torch.eye(x.numel(), dtype=x.dtype).view(-1, *x.shape)
+    offsets, at = sorted(offsets), {}
+    group = max(1, 4096 // x.numel())  # forward passes per vmap call: bounded memory
+    for i in range(0, len(offsets), group):
+        steps = torch.tensor(offsets[i:i + group], dtype=x.dtype).view(-1, 1, *(1,) * x.dim())
+        losses = loss((x + steps * moves).view(-1, *x.shape)).view(len(steps), -1)
+        at.update(zip(offsets[i:i + group], losses))
+    return {(method.__name__, h): method(at.__getitem__, h).view(x.shape) for method, h in variants}
 
 
 CASES = [  # (seed, dtype, batch, width)
@@ -252,7 +313,7 @@ def test_report_text_is_deterministic_and_readable():
     b = diagnose(g, tensors, ref).text()
     assert a == b
     lines = a.splitlines()
-    assert lines[0].startswith("logprobs") and "exact" in lines[0] or "close" in lines[0]
+    assert lines[0].startswith("logprobs") and ("exact" in lines[0] or "close" in lines[0])
     assert "25/26 gradients correct." in a and "Fix dW2 first:" in a
     assert "0x" not in a  # no addresses
 
@@ -275,3 +336,73 @@ def test_inherited_mistakes_and_a_shape_slip_are_reported_side_by_side():
     report = diagnose(g, tensors, ref)
     assert report.first_wrong == "h" and report["hpreact"].status == "inherited"
     assert report["emb"].status == "wrong shape" and report["emb"].mistake == "missing .view"
+
+
+# --- the tolerance policy: finite differences, tiny slips, huge logits, wrong dtypes -------------
+
+@pytest.mark.parametrize("seed,n,n_hidden", [(131, 4, 8), (132, 3, 5)])
+def test_finite_differences_are_wrong_in_float64(seed, n, n_hidden):
+    """Every variable of exercise 1 by finite differences of the loss (central, 4th-order,
+    Richardson, several step sizes each): judged wrong, by a margin (benchmarks/tolerance.py
+    has the figures). FD_EXACT are the three a finite difference gets exactly."""
+    tensors, ref = fresh(seed, torch.float64, n, n_hidden)
+    terms = check.gradient_terms(tensors)
+    for var in model.BACKWARD_ORDER:
+        if var in FD_EXACT:
+            continue
+        fds = finite_differences(tensors, var)
+        ratios = {variant: check.tolerance_ratio(fd, ref[var], terms[var]) for variant, fd in fds.items()}
+        best = min(ratios, key=lambda v: math.inf if math.isnan(ratios[v]) else ratios[v])  # nan: log(<0)
+        assert ratios[best] > 5, (var, best, ratios[best])
+        d = diagnose_one(var, fds[best], ref[var], tensors)
+        assert d.status == "wrong", (var, best, d.line())
+
+
+@pytest.mark.parametrize("var", ["logits", "h", "bngain", "hprebn", "W1", "C"])
+def test_a_float64_gradient_off_by_one_part_in_ten_million_is_wrong_in_the_report_and_in_cmp(var, capsys):
+    tensors, ref = fresh(141, torch.float64, n=16, n_hidden=24)
+    grads = stepwise(tensors, dC="index_add")
+    assert diagnose(grads, tensors, ref)[var].ok
+    grads[var] = grads[var] * (1 + 1e-7)
+    assert torch.allclose(grads[var], ref[var])  # what the lecture's cmp would accept
+    assert diagnose(grads, tensors, ref)[var].status == "wrong"
+    assert not check.cmp(var, grads[var], ref[var], tensors)
+    assert "approximate: False" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seed,dtype,n,scale", [(204, torch.float32, 32, 2000.0),
+                                                (205, torch.float64, 4, 20000.0)])
+def test_huge_logits_are_judged_on_a_finite_tolerance(seed, dtype, n, scale):
+    """Exercise 2's overflow cases: the chunked forward takes log(0), so what dlogits sums is not
+    finite; the reference is F.cross_entropy's. A stable answer passes, a slip does not."""
+    tensors, _ = fresh(seed, dtype, n, 64, logit_scale=scale)
+    assert not torch.isfinite(tensors["logprobs"]).all()
+    logits = tensors["logits"].clone().requires_grad_(True)
+    F.cross_entropy(logits, tensors["Yb"]).backward()
+    expected = logits.grad
+    onehot = F.one_hot(tensors["Yb"], 27)
+    lecture = F.softmax(tensors["logits"], 1)
+    lecture[range(n), tensors["Yb"]] -= 1
+    for good in (lecture / n, (F.softmax(tensors["logits"], 1) - onehot) / n):
+        d = diagnose_one("dlogits", good, expected, tensors)
+        assert d.ok and math.isfinite(d.rel_error), d.line()
+    good = lecture / n
+    for bad, label in ((-good, "sign flipped"), (good * n, "factor n")):
+        d = diagnose_one("dlogits", bad, expected, tensors)
+        assert d.status == "wrong" and d.mistake == label, d.line()
+
+
+@pytest.mark.parametrize("bad_dtype", [torch.float32, torch.int64])
+def test_a_gradient_of_the_wrong_dtype_is_named_with_what_to_do(bad_dtype):
+    tensors, ref = fresh(151, torch.float64, n=8, n_hidden=16)
+    grads = stepwise(tensors)
+    grads["logits"] = grads["logits"].to(bad_dtype)  # e.g. made with torch.zeros((n, 27))
+    report = diagnose(grads, tensors, ref)
+    d = report["logits"]
+    assert d.status == "wrong dtype" and not d.ok
+    assert report.first_wrong == "logits" and report.score == pytest.approx(25 / 26)
+    assert "zeros_like" in d.hint and "dtype" in d.hint and "float64" in d.hint
+    if bad_dtype == torch.float32:  # right apart from the dtype: say so
+        assert d.mistake == "float32, expected float64" and "right to float32 precision" in d.hint
+    else:
+        assert "integers" in d.hint and "precision" not in d.hint
