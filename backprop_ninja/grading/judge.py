@@ -125,8 +125,11 @@ def _call_problem(returned: Returned, function: str, case: Case) -> str | None:
     return None
 
 
+STATUS_WORDS = {"wrong shape": "has the wrong shape", "wrong dtype": "has the wrong dtype"}
+
+
 def _verdict_line(name: str, d: check.Diagnosis, case: Case) -> str:
-    return f"d{name} is {d.status}: {d.hint} [{case.describe()}]"
+    return f"d{name} {STATUS_WORDS.get(d.status, f'is {d.status}')}: {d.hint} [{case.describe()}]"
 
 
 # --- the exercises ------------------------------------------------------------------------------
@@ -154,13 +157,9 @@ def _judge_stepwise(session: Session, ex: Exercise, points: float) -> Verdict:
                       and bool(torch.isfinite(got).all()))
             upstream[name] = got if usable else ref[name]
         local = model.local_gradients(tensors, upstream)
-        for name in BACKWARD_ORDER:
-            if name in failures:
-                continue
-            if name not in grads:
-                failures[name] = "missing"
-                continue
-            d = check.diagnose_one(name, grads[name], local[name], tensors)
+        failures.update({name: "missing" for name in BACKWARD_ORDER if name not in grads and name not in failures})
+        todo = {name: (grads[name], local[name]) for name in BACKWARD_ORDER if name not in failures}
+        for name, d in check.diagnose_each(todo, tensors).items():
             if not d.ok:
                 failures[name] = _verdict_line(name, d, case)
     right = [name for name in BACKWARD_ORDER if name not in failures]
@@ -215,10 +214,8 @@ def _judge_parameters(session: Session, ex: Exercise, points: float) -> Verdict:
                               f"got {returned.note.get('returned', 'nothing')}.")
             return Verdict(0.0, [f"Score 0: {why}"])
         grads = _gradients(returned, PARAM_NAMES)
-        for name in PARAM_NAMES:
-            if name in failures:
-                continue
-            d = check.diagnose_one(name, grads.get(name), ref[name], tensors)
+        todo = {name: (grads.get(name), ref[name]) for name in PARAM_NAMES if name not in failures}
+        for name, d in check.diagnose_each(todo, tensors).items():
             if not d.ok:
                 failures[name] = _verdict_line(name, d, case)
     right = [n for n in PARAM_NAMES if n not in failures]
