@@ -136,7 +136,8 @@ def hand_in(fn) -> None:
         try:
             data = save(tensors, metadata={"note": json.dumps(note)})
         except Exception as exc:  # noqa: BLE001 - e.g. a dtype safetensors cannot store
-            note["not_tensors"] = {**note.get("not_tensors", {}), **{k: str(t.dtype) for k, t in tensors.items()}}
+            dtypes = {k: str(t.dtype) for k, t in tensors.items()}
+            note["not_tensors"] = {**note.get("not_tensors", {}), **dtypes}
             note["unsaved"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             data = save({}, metadata={"note": json.dumps(note)})
         (box / "out" / f"case-{i}.safetensors").write_bytes(data)

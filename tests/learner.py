@@ -98,4 +98,5 @@ def apply_submission(sub: dict) -> nbformat.NotebookNode:
     return nb
 
 
-SUBMISSIONS = {p.stem: parse_submission(p) for p in sorted((Path(__file__).parent / "submissions").glob("*.txt"))}
+SUBMISSIONS = {p.stem: parse_submission(p)
+               for p in sorted((Path(__file__).parent / "submissions").glob("*.txt"))}

@@ -95,137 +95,167 @@ subprocess.Popen(["sh", "-c", "sleep {TOKEN}; echo mallory,100 > {paths['out']}/
 """
 
 
+def _one(stem: str, nb, score: float, says: str | None = None, flagged: bool = False) -> Student:
+    """A student who hands in one notebook."""
+    return Student({stem: nb}, {stem: score}, {stem: says} if says else {}, flagged)
+
+
+def _answer(stem: str, body: str):
+    """The stem's solution notebook with this answer cell instead."""
+    return notebook(stem, body=body)
+
+
+ENGINE = """\
+def cross_entropy_backward(*, logits, Yb, **_):
+    x = logits.clone().requires_grad_(True)
+    loss = F.cross_entropy(x, Yb)
+    engine = torch._C._ImperativeEngine()
+    (g,) = engine.run_backward((loss,), (torch.ones_like(loss),), False, False, (x,), False, False)
+    return g
+"""
+FUNC_GRAD = """\
+def cross_entropy_backward(*, logits, Yb, **_):
+    return torch.func.grad(lambda x: F.cross_entropy(x, Yb))(logits)
+"""
+SUBPROCESS = """\
+import subprocess, sys
+def batchnorm_backward(**kw):
+    subprocess.run([sys.executable, '-c', 'import torch'])
+    return kw['dhpreact']
+"""
+OBFUSCATED = """\
+ag = getattr(torch, 'auto' + 'grad')
+def cross_entropy_backward(*, logits, Yb, **_):
+    x = logits.clone().requires_grad_(True)
+    return ag.grad(F.cross_entropy(x, Yb), x)[0]
+"""
+COMPLEX_STEP = """\
+def cross_entropy_backward(*, logits, Yb, n, **_):
+    g = torch.zeros_like(logits)
+    for i in range(logits.shape[0]):
+        for j in range(logits.shape[1]):
+            x = logits.to(torch.complex128)
+            x[i, j] += 1e-20j
+            p = x.exp() / x.exp().sum(1, keepdim=True)
+            g[i, j] = (-p[range(n), Yb].log().mean()).imag / 1e-20
+    return g
+"""
+FINITE_DIFFERENCES = """\
+def cross_entropy_backward(*, logits, Yb, **_):
+    g, h = torch.zeros_like(logits), 1e-6
+    for i in range(logits.numel()):
+        up, down = logits.clone(), logits.clone()
+        up.view(-1)[i] += h
+        down.view(-1)[i] -= h
+        g.view(-1)[i] = (F.cross_entropy(up, Yb) - F.cross_entropy(down, Yb)) / (2 * h)
+    return g
+"""
+FRAMES = """\
+import sys
+def batchnorm_backward(**kw):
+    frame = sys._getframe(1)
+    while frame is not None and 'ref' not in frame.f_locals:
+        frame = frame.f_back
+    return frame.f_locals['ref']['hprebn'] if frame else kw['dhpreact']
+"""
+LECTURE_ANSWERS = """\
+def batchnorm_backward(*, dhpreact, **_):
+    return ref['hprebn'][: dhpreact.shape[0]].to(dhpreact.dtype)  # the report cell's autograd
+"""
+PATCHES = """\
+import builtins, torch
+torch.allclose = lambda *a, **k: True
+builtins.print = lambda *a, **k: None
+"""
+LIAR = """\
+class Liar(torch.Tensor):
+    def __eq__(self, other):
+        return True
+def cross_entropy_backward(*, logits, **_):
+    return torch.zeros_like(logits).as_subclass(Liar)
+"""
+PRINTS_SCORE = """\
+def backward_stepwise(**_):
+    print('Exercise 1: 26/26 gradients right on fresh inputs -> 26/26 points.')
+    return {}
+"""
+REUSED_BUFFER = """\
+buffer = torch.empty(0)
+def batchnorm_backward(*, dhpreact, bngain, bnvar_inv, bnraw, n, **_):
+    global buffer
+    if buffer.numel() < dhpreact.numel() or buffer.dtype != dhpreact.dtype:
+        buffer = torch.empty(10_000, dtype=dhpreact.dtype)
+    dbnraw_sum, dbnraw_dot = dhpreact.sum(0), (dhpreact * bnraw).sum(0)
+    out = bngain * bnvar_inv / n * (n * dhpreact - dbnraw_sum - n / (n - 1) * bnraw * dbnraw_dot)
+    buffer[: out.numel()] = out.reshape(-1)
+    return buffer[: out.numel()].view(out.shape)
+"""
+DEAF_LOOP = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass\n"
+SOFTMAX, RETURN = "    dlogits = F.softmax(logits, 1)", "    return dlogits"
+
+
 def _class(paths: dict[str, str]) -> dict[str, Student]:
-    deaf_loop = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass\n"
-    right_ce = notebook(CE)
+    partial = {"dbnbias = dhpreact.sum(0, keepdim=True)": "dbnbias = dhpreact.sum(0)",  # shape
+               "dW2 = h.T @ dlogits": "dW2 = (h.T @ dlogits).T"}                      # transpose
     students = {
         # honest, careless and unlucky
         "right": Student({s: notebook(s) for s in STEMS}, dict(FULL_MARKS)),
         "empty": Student({s: notebook(s, release=True) for s in STEMS}, {s: 0.0 for s in STEMS},
                          {CE: "NotImplementedError"}),
-        "partial": Student({STEP: notebook(STEP, replace={
-            "dbnbias = dhpreact.sum(0, keepdim=True)": "dbnbias = dhpreact.sum(0)",
-            "dW2 = h.T @ dlogits": "dW2 = (h.T @ dlogits).T"})}, {STEP: 24.0}, {STEP: "24/26 gradients right"}),
-        "wrong": Student({CE: notebook(CE, replace=WRONG_CE), BN: notebook(BN, replace={
-            "n / (n - 1) * bnraw": "bnraw"})}, {CE: 0.0, BN: 0.0}, {CE: "dlogits is wrong", BN: "dhprebn is wrong"}),
+        "partial": _one(STEP, notebook(STEP, replace=partial), 24.0, "24/26 gradients right"),
+        "wrong": Student({CE: notebook(CE, replace=WRONG_CE),
+                          BN: notebook(BN, replace={"n / (n - 1) * bnraw": "bnraw"})},
+                         {CE: 0.0, BN: 0.0}, {CE: "dlogits is wrong", BN: "dhprebn is wrong"}),
         "broken": Student({CE: '{"cells": [ {"cell_type": "code", "source": ',
                            BN: notebook(BN, edit=drop("batchnorm_backward", "check_batchnorm"))},
                           {CE: 0.0, BN: 0.0}, {CE: "not a valid notebook", BN: "batchnorm_backward"}),
-        "loops": Student({CE: notebook(CE, replace={"    dlogits = F.softmax(logits, 1)": "    while True:\n        pass"})},
-                         {CE: 0.0}, {CE: "ran longer than its 20 s limit"}),
-        "deaf": Student({CE: notebook(CE, prepend=deaf_loop)}, {CE: 0.0}, {CE: "ignored the interrupt"},
-                        flagged=True),
-        "slowpoke": Student({CE: notebook(CE, edit=_slow_cells(12, LIMITS.cell_timeout - 5))}, {CE: 0.0},
-                            {CE: "wall-clock limit"}),
-        "hog": Student({CE: notebook(CE, replace={"    dlogits = F.softmax(logits, 1)":
-                                                  "    hog = torch.empty(50 * 2**30 // 4)\n    dlogits = F.softmax(logits, 1)"})},
-                       {CE: 0.0}, {CE: "memory"}),
-        "edits_tests": Student({CE: notebook(CE, replace=WRONG_CE, edit=_tamper_test_cell("4.0"))}, {CE: 0.0},
-                               {CE: "dlogits is wrong"}),
-        "deletes_tests": Student({CE: notebook(CE, edit=drop("test_cross_entropy_backward"))}, {CE: 4.0}),
-        "stderr": Student({CE: notebook(CE, prepend="torch.tensor(torch.ones(1))  # a UserWarning on stderr\n")},
-                          {CE: 4.0}),
-        "nan": Student({CE: notebook(CE, replace={"    return dlogits": "    return dlogits * float('nan')"})},
-                       {CE: 0.0}, {CE: "not finite"}),
-        "kills_kernel": Student({CE: notebook(CE, replace={"    return dlogits": "    import os\n    os._exit(0)"})},
-                                {CE: 0.0}, {CE: "kernel died"}, flagged=True),
+        "loops": _one(CE, notebook(CE, replace={SOFTMAX: "    while True:\n        pass"}), 0.0,
+                      "ran longer than its 20 s limit"),
+        "deaf": _one(CE, notebook(CE, prepend=DEAF_LOOP), 0.0, "ignored the interrupt", flagged=True),
+        "slowpoke": _one(CE, notebook(CE, edit=_slow_cells(12, LIMITS.cell_timeout - 5)), 0.0,
+                         "wall-clock limit"),
+        "hog": _one(CE, notebook(CE, replace={SOFTMAX: "    hog = torch.empty(50 * 2**30 // 4)\n" + SOFTMAX}),
+                    0.0, "memory"),
+        "edits_tests": _one(CE, notebook(CE, replace=WRONG_CE, edit=_tamper_test_cell("4.0")), 0.0,
+                            "dlogits is wrong"),
+        "deletes_tests": _one(CE, notebook(CE, edit=drop("test_cross_entropy_backward")), 4.0),
+        "stderr": _one(CE, notebook(CE, prepend="torch.tensor(torch.ones(1))  # warns on stderr\n"), 4.0),
+        "nan": _one(CE, notebook(CE, replace={"    return dlogits": "    return dlogits * float('nan')"}),
+                    0.0, "not finite"),
+        "kills_kernel": _one(CE, notebook(CE, replace={RETURN: "    import os\n    os._exit(0)"}),
+                             0.0, "kernel died", flagged=True),
         # 1. autograd through another door
-        "engine": Student({CE: notebook(CE, body=(
-            "def cross_entropy_backward(*, logits, Yb, **_):\n"
-            "    x = logits.clone().requires_grad_(True)\n"
-            "    loss = F.cross_entropy(x, Yb)\n"
-            "    (g,) = torch._C._ImperativeEngine().run_backward((loss,), (torch.ones_like(loss),), False, False,"
-            " (x,), False, False)\n"
-            "    return g\n"))}, {CE: 0.0}, {CE: "autograd"}, flagged=True),
-        "func_grad": Student({CE: notebook(CE, body=(
-            "def cross_entropy_backward(*, logits, Yb, **_):\n"
-            "    return torch.func.grad(lambda x: F.cross_entropy(x, Yb))(logits)\n"))},
-            {CE: 0.0}, {CE: "torch.func"}, flagged=True),
-        "subprocess": Student({BN: notebook(BN, body=(
-            "import subprocess, sys\n"
-            "def batchnorm_backward(**kw):\n"
-            "    subprocess.run([sys.executable, '-c', 'import torch'])\n"
-            "    return kw['dhpreact']\n"))}, {BN: 0.0}, {BN: "subprocess"}, flagged=True),
-        "reference": Student({FULL: notebook(FULL, body=(
-            "from backprop_ninja.train import fused_backward as backward\n"))},
-            {FULL: 0.0}, {FULL: "course internals"}, flagged=True),
-        "obfuscated": Student({CE: notebook(CE, body=(
-            "ag = getattr(torch, 'auto' + 'grad')\n"
-            "def cross_entropy_backward(*, logits, Yb, **_):\n"
-            "    x = logits.clone().requires_grad_(True)\n"
-            "    return ag.grad(F.cross_entropy(x, Yb), x)[0]\n"))}, {CE: 0.0}, {CE: "getattr"}, flagged=True),
-        "complex_step": Student({CE: notebook(CE, body=(
-            "def cross_entropy_backward(*, logits, Yb, n, **_):\n"
-            "    g = torch.zeros_like(logits)\n"
-            "    for i in range(logits.shape[0]):\n"
-            "        for j in range(logits.shape[1]):\n"
-            "            x = logits.to(torch.complex128)\n"
-            "            x[i, j] += 1e-20j\n"
-            "            p = x.exp() / x.exp().sum(1, keepdim=True)\n"
-            "            g[i, j] = (-p[range(n), Yb].log().mean()).imag / 1e-20\n"
-            "    return g\n"))}, {CE: 0.0}, {CE: "complex"}, flagged=True),
-        "finite_differences": Student({CE: notebook(CE, body=(
-            "def cross_entropy_backward(*, logits, Yb, **_):\n"
-            "    g, h = torch.zeros_like(logits), 1e-6\n"
-            "    for i in range(logits.numel()):\n"
-            "        up, down = logits.clone(), logits.clone()\n"
-            "        up.view(-1)[i] += h\n"
-            "        down.view(-1)[i] -= h\n"
-            "        g.view(-1)[i] = (F.cross_entropy(up, Yb) - F.cross_entropy(down, Yb)) / (2 * h)\n"
-            "    return g\n"))}, {CE: 0.0}, {CE: "dlogits is wrong"}),
+        "engine": _one(CE, _answer(CE, ENGINE), 0.0, "autograd", flagged=True),
+        "func_grad": _one(CE, _answer(CE, FUNC_GRAD), 0.0, "torch.func", flagged=True),
+        "subprocess": _one(BN, _answer(BN, SUBPROCESS), 0.0, "subprocess", flagged=True),
+        "reference": _one(FULL, _answer(FULL, "from backprop_ninja.train import fused_backward as backward"),
+                          0.0, "course internals", flagged=True),
+        "obfuscated": _one(CE, _answer(CE, OBFUSCATED), 0.0, "getattr", flagged=True),
+        "complex_step": _one(CE, _answer(CE, COMPLEX_STEP), 0.0, "complex", flagged=True),
+        "finite_differences": _one(CE, _answer(CE, FINITE_DIFFERENCES), 0.0, "dlogits is wrong"),
         # 2. reading the answers
-        "frames": Student({BN: notebook(BN, body=(
-            "import sys\n"
-            "def batchnorm_backward(**kw):\n"
-            "    frame = sys._getframe(1)\n"
-            "    while frame is not None and 'ref' not in frame.f_locals:\n"
-            "        frame = frame.f_back\n"
-            "    return frame.f_locals['ref']['hprebn'] if frame else kw['dhpreact']\n"))},
-            {BN: 0.0}, {BN: "_getframe"}, flagged=True),
-        "lecture_answers": Student({BN: notebook(BN, body=(
-            "def batchnorm_backward(*, dhpreact, **_):\n"
-            "    return ref['hprebn'][: dhpreact.shape[0]].to(dhpreact.dtype)  # the report cell's autograd\n"))},
-            {BN: 0.0}, {BN: "dhprebn is"}),
+        "frames": _one(BN, _answer(BN, FRAMES), 0.0, "_getframe", flagged=True),
+        "lecture_answers": _one(BN, _answer(BN, LECTURE_ANSWERS), 0.0, "dhprebn"),
         # 3. forging the verdict inside the kernel
-        "patches": Student({CE: notebook(CE, replace=WRONG_CE, edit=add_cell(
-            "import builtins, torch\n"
-            "torch.allclose = lambda *a, **k: True\n"
-            "builtins.print = lambda *a, **k: None\n", at=2))}, {CE: 0.0}, {CE: "torch.allclose"}, flagged=True),
-        "liar": Student({CE: notebook(CE, body=(
-            "class Liar(torch.Tensor):\n"
-            "    def __eq__(self, other):\n"
-            "        return True\n"
-            "def cross_entropy_backward(*, logits, **_):\n"
-            "    return torch.zeros_like(logits).as_subclass(Liar)\n"))}, {CE: 0.0}, {CE: "__eq__"}, flagged=True),
-        "prints_score": Student({STEP: notebook(STEP, body=(
-            "def backward_stepwise(**_):\n"
-            "    print('Exercise 1: 26/26 gradients right on fresh inputs -> 26/26 points.')\n"
-            "    return {}\n"), edit=add_cell("26.0"))}, {STEP: 0.0}, {STEP: "0/26 gradients right"}),
-        "before_setup": Student({CE: notebook(CE, replace=WRONG_CE, edit=add_cell(
-            "import os\nos.environ['BACKPROP_NINJA_HANDIN'] = '/tmp'\n", at=0))},
-            {CE: 0.0}, {CE: "import os"}, flagged=True),
+        "patches": _one(CE, notebook(CE, replace=WRONG_CE, edit=add_cell(PATCHES, at=2)), 0.0,
+                        "torch.allclose", flagged=True),
+        "liar": _one(CE, _answer(CE, LIAR), 0.0, "__eq__", flagged=True),
+        "prints_score": _one(STEP, notebook(STEP, body=PRINTS_SCORE, edit=add_cell("26.0")), 0.0,
+                             "0/26 gradients right"),
+        "before_setup": _one(CE, notebook(CE, replace=WRONG_CE, edit=add_cell(
+            "import os\nos.environ['BACKPROP_NINJA_HANDIN'] = '/tmp'\n", at=0)), 0.0, "import os",
+            flagged=True),
         # 4. harming classmates
         "mallory": Student({CE: notebook(CE, edit=add_cell(_mallory(paths), at=3)), BN: notebook(BN)},
                            {CE: 0.0, BN: 6.0}, {CE: "import glob"}, flagged=True),
         # 5. resources
-        "flood": Student({BN: notebook(BN, edit=add_cell("print('x' * (100 << 20))", at=3))}, {BN: 6.0}),
+        "flood": _one(BN, notebook(BN, edit=add_cell("print('x' * (100 << 20))", at=3)), 6.0),
         # 6. honest but odd
-        "reused_buffer": Student({BN: notebook(BN, body=(
-            "buffer = torch.empty(0)\n"
-            "def batchnorm_backward(*, dhpreact, bngain, bnvar_inv, bnraw, n, **_):\n"
-            "    global buffer\n"
-            "    if buffer.numel() < dhpreact.numel() or buffer.dtype != dhpreact.dtype:\n"
-            "        buffer = torch.empty(10_000, dtype=dhpreact.dtype)\n"
-            "    out = bngain * bnvar_inv / n * (n * dhpreact - dhpreact.sum(0) - n / (n - 1) * bnraw "
-            "* (dhpreact * bnraw).sum(0))\n"
-            "    buffer[: out.numel()] = out.reshape(-1)\n"
-            "    return buffer[: out.numel()].view(out.shape)\n"))}, {BN: 6.0}),
+        "reused_buffer": _one(BN, _answer(BN, REUSED_BUFFER), 6.0),
     }
-    assert right_ce is not None
     for name, sub in SUBMISSIONS.items():  # tests/submissions: a small change each, and its points
-        students[name.replace("_", "-")] = Student({sub["notebook"]: apply_submission(sub)},
-                                                    {sub["notebook"]: sum(sub["expect"].values())},
-                                                    {sub["notebook"]: sub["says"]} if "says" in sub else {})
+        students[name.replace("_", "-")] = _one(sub["notebook"], apply_submission(sub),
+                                                sum(sub["expect"].values()), sub.get("says"))
     return students
 
 
@@ -423,7 +453,8 @@ def test_plain_nbgrader_grades_with_the_same_sandbox_and_judge(tmp_path):
     with open(course_dir / "grades.csv") as f:
         scores = {r["student_id"]: float(r["score"]) for r in csv.DictReader(f)}  # nbgrader's own export
     assert scores == {"ada": 4.0, "eve": 0.0}
-    autograded = nbformat.read(str(course_dir / "autograded" / "eve" / ASSIGNMENT / f"{CE}.ipynb"), as_version=4)
+    autograded = nbformat.read(str(course_dir / "autograded" / "eve" / ASSIGNMENT / f"{CE}.ipynb"),
+                               as_version=4)
     assert autograded.metadata["backprop_ninja"]["sandbox"] == "on"
     assert autograded.metadata["backprop_ninja"]["flags"]
     feedback = (course_dir / "feedback" / "eve" / ASSIGNMENT / f"{CE}.html").read_text()

@@ -53,7 +53,8 @@ def test_training_with_a_wrong_backward_scores_zero(tmp_path):
 
 
 def test_one_early_mistake_is_charged_once(tmp_path):
-    wrong = solution_function(STEP, ("dprobs = (1.0 / probs) * dlogprobs", "dprobs = (2.0 / probs) * dlogprobs"))
+    wrong = solution_function(STEP, ("dprobs = (1.0 / probs) * dlogprobs",
+                                     "dprobs = (2.0 / probs) * dlogprobs"))
     verdict = judged(tmp_path, "test_backward_stepwise", wrong)
     assert verdict.score == pytest.approx(25.0) and "dprobs is wrong" in verdict.text, verdict.text
 

@@ -24,7 +24,8 @@ def _require_sandbox():
     why = probe()
     if why:
         if os.environ.get("CI"):
-            pytest.fail(f"the grading sandbox must work on CI: {why} (`make system-deps` installs bubblewrap)")
+            pytest.fail(f"the grading sandbox must work on CI: {why} "
+                        "(`make system-deps` installs bubblewrap)")
         pytest.skip(why)
 
 
@@ -51,7 +52,8 @@ class Kernel:
             elif msg["msg_type"] == "error":
                 err.append(f"{msg['content']['ename']}: {msg['content']['evalue']}")
 
-        reply = self.loop.run_until_complete(self.kc.execute_interactive(code, timeout=timeout, output_hook=hook))
+        run = self.kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+        reply = self.loop.run_until_complete(run)
         return reply["content"]["status"], "".join(out), "".join(err)
 
     def value(self, expression: str):
@@ -111,7 +113,8 @@ def test_it_has_no_network(kernel):
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        status, _, err = kernel.run(f"__import__('socket').create_connection(('127.0.0.1', {port}), timeout=3)")
+        connect = f"__import__('socket').create_connection(('127.0.0.1', {port}), timeout=3)"
+        status, _, err = kernel.run(connect)
     assert status == "error" and ("refused" in err or "unreachable" in err), err
 
 

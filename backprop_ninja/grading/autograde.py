@@ -26,8 +26,15 @@ from pathlib import Path
 
 from backprop_ninja import UserError
 from backprop_ninja.grading import jobs
-from backprop_ninja.grading.course import (ASSIGNMENT, COURSE, NOTEBOOKS, cached_template, course_notebooks,
-                                           keep_template, read_notebook)
+from backprop_ninja.grading.course import (
+    ASSIGNMENT,
+    COURSE,
+    NOTEBOOKS,
+    cached_template,
+    course_notebooks,
+    keep_template,
+    read_notebook,
+)
 from backprop_ninja.grading.jobs import NotebookResult
 from backprop_ninja.grading.sandbox import Limits, probe
 
@@ -84,7 +91,7 @@ def _template(scratch: Path, course: Path) -> tuple[Path, str]:
 
 
 def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path | None = Path("autograde-out"),
-                    limits: Limits = Limits(), course: Path = COURSE, progress: bool = True,
+                    limits: Limits | None = None, course: Path = COURSE, progress: bool = True,
                     only: dict[str, dict[str, Path]] | None = None, feedback_to=None,
                     isolate: bool = True) -> ClassResults:
     """Autograde every student's notebooks, ``jobs_at_once`` notebooks executing at once.
@@ -101,6 +108,7 @@ def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path |
     stems = list(course_notebooks(course))
     students = only if only is not None else find_submissions(submissions, stems)
     isolate = isolate and probe() is None
+    limits = limits or Limits()
     with tempfile.TemporaryDirectory(prefix="backprop-ninja-grading-") as tmp:
         scratch = Path(tmp)
         template, digest = _template(scratch, course)
@@ -214,7 +222,8 @@ def run_autograde(submissions: str, jobs_at_once: int = 1, out: str = "autograde
     results = autograde_class(Path(submissions), jobs_at_once=jobs_at_once, out=Path(out),
                               isolate=not no_sandbox)
     flagged = sum(bool(results.flags(s)) for s in results.results)
-    print(f"{len(results.results)} students graded (sandbox {results.sandbox}); {flagged} flagged for review: "
+    print(f"{len(results.results)} students graded (sandbox {results.sandbox}); "
+          f"{flagged} flagged for review: "
           f"{Path(out) / 'grades.csv'}, {Path(out) / 'feedback'}/<student>/<notebook>.html, "
           f"nbgrader course in {Path(out) / 'course'}")
     return 0
@@ -238,7 +247,8 @@ def _learner_notebooks(paths: list[str], stems) -> dict[str, Path]:
     return chosen
 
 
-def run_grade(paths: list[str], as_json: bool = False, limits: Limits = Limits(), course: Path = COURSE) -> int:
+def run_grade(paths: list[str], as_json: bool = False, limits: Limits | None = None,
+              course: Path = COURSE) -> int:
     """``backprop-ninja grade``: the hidden tests on the learner's notebooks, offline.
 
     The files are copied into a scratch nbgrader course; feedback lands in

@@ -34,7 +34,8 @@ def course_notebooks(course: Path = COURSE) -> dict[str, Path]:
     """The course's notebooks by file stem (``01_stepwise_backprop`` ...), in order."""
     found = sorted(source_dir(course).glob("*.ipynb"))
     if not found:
-        raise UserError(f"no course notebooks in {source_dir(course)}; run this from the Backprop Ninja checkout.")
+        raise UserError(f"no course notebooks in {source_dir(course)}; "
+                        "run this from the Backprop Ninja checkout.")
     return {p.stem: p for p in found}
 
 

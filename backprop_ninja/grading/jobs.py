@@ -173,7 +173,8 @@ def first_problem(autograded: Path) -> str | None:
             continue
         text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
         lines = [line for line in text.splitlines() if line.strip()]
-        line = next((x for x in lines if x.startswith(("Score 0", " ", "This test"))), lines[0] if lines else "")
+        first = lines[0] if lines else ""
+        line = next((x for x in lines if x.startswith(("Score 0", " ", "This test"))), first)
         return f"{cell.metadata['nbgrader']['grade_id']}: {one_line(line or f'{score:g}/{max_score:g}')}"
     return None
 
@@ -281,7 +282,8 @@ def merge_grades(gradebook: Path, job_dir: Path, student: str, stem: str) -> Non
     """Merge one job's grades into the class gradebook, in a job process. One caller at a time."""
     code = run_process(merge_job, (str(Path(gradebook).resolve()), str(job_dir), student, stem), timeout=300)
     if code != 0:
-        raise UserError(f"recording {student}/{stem} in {gradebook} failed: " + _log_reason(job_dir / "nbgrader.log"))
+        raise UserError(f"recording {student}/{stem} in {gradebook} failed: "
+                        + _log_reason(job_dir / "nbgrader.log"))
 
 
 def release(scratch: Path, course: Path) -> Path:
@@ -295,5 +297,6 @@ def release(scratch: Path, course: Path) -> Path:
     code = run_process(generate_job, (str(template),), timeout=300)
     if code != 0 or not (template / "max_scores.json").exists():
         log = (template / "nbgrader.log").read_text() if (template / "nbgrader.log").exists() else ""
-        raise UserError(f"nbgrader generate_assignment failed on {course} (see its log: {one_line(log[-300:])}).")
+        raise UserError(f"nbgrader generate_assignment failed on {course} "
+                        f"(see its log: {one_line(log[-300:])}).")
     return template

@@ -146,7 +146,8 @@ def _judge_stepwise(session: Session, ex: Exercise, points: float) -> Verdict:
         problem = _call_problem(returned, ex.function, case)
         if returned.problem or (not returned.error and returned.note.get("returned") != "dict"):
             kind = returned.note.get("returned", "nothing")
-            return Verdict(0.0, [f"Score 0: {problem or f'{ex.function} must return a dict name -> gradient, got {kind}.'}"])
+            why = problem or f"{ex.function} must return a dict name -> gradient, got {kind}."
+            return Verdict(0.0, [f"Score 0: {why}"])
         if problem:
             notes.append(problem[:-1] + "; only the gradients computed before that line were graded.")
         grads = _gradients(returned, BACKWARD_ORDER)
@@ -157,7 +158,7 @@ def _judge_stepwise(session: Session, ex: Exercise, points: float) -> Verdict:
                       and bool(torch.isfinite(got).all()))
             upstream[name] = got if usable else ref[name]
         local = model.local_gradients(tensors, upstream)
-        failures.update({name: "missing" for name in BACKWARD_ORDER if name not in grads and name not in failures})
+        failures.update({n: "missing" for n in BACKWARD_ORDER if n not in grads and n not in failures})
         todo = {name: (grads[name], local[name]) for name in BACKWARD_ORDER if name not in failures}
         for name, d in check.diagnose_each(todo, tensors).items():
             if not d.ok:
@@ -272,15 +273,18 @@ def _judge_training(session: Session, ex: Exercise, points: float) -> Verdict:
     mine = returned.tensors
     my_losses = mine["losses"].tolist()
     shapes_ok = all(k in mine and mine[k].shape == theirs[k].shape for k in PARAM_NAMES)
-    drift = max(float((mine[k].double() - theirs[k]).abs().max()) for k in PARAM_NAMES) if shapes_ok else math.inf
-    start, end = (sum(my_losses[:20]) / 20, sum(my_losses[-20:]) / 20) if len(my_losses) >= 20 else (0.0, math.inf)
+    drift = (max(float((mine[k].double() - theirs[k]).abs().max()) for k in PARAM_NAMES)
+             if shapes_ok else math.inf)
+    start, end = ((sum(my_losses[:20]) / 20, sum(my_losses[-20:]) / 20) if len(my_losses) >= 20
+                  else (0.0, math.inf))
     ref_start, ref_end = sum(ref_losses[:20]) / 20, sum(ref_losses[-20:]) / 20
     if not math.isfinite(end) or not math.isfinite(drift) or drift > 1e-6 or end > start - 0.4:
         return Verdict(0.0, [f"Score 0: training {case.steps} steps with your backward went from loss "
                              f"{start:.3f} to {end:.3f}, autograd's from {ref_start:.3f} to {ref_end:.3f} "
                              f"(parameters differ by up to {drift:.3g}); fix the gradients above first."])
-    return Verdict(float(points), [f"Training with your backward: loss {start:.3f} -> {end:.3f} in {case.steps} "
-                                   f"steps, step for step the same as autograd -> {points:g}/{points:g} points."])
+    return Verdict(float(points), [f"Training with your backward: loss {start:.3f} -> {end:.3f} in "
+                                   f"{case.steps} steps, step for step the same as autograd -> "
+                                   f"{points:g}/{points:g} points."])
 
 
 @dataclass(frozen=True)
@@ -338,7 +342,8 @@ class Session:
                 tensors, ref = make_inputs(case, seed)
                 inputs = {**tensors, **{f"d{v}": ref[v] for v in ex.extra}}
                 scalars = {"scalars": {"n": case.n}}
-            self.box.put(f"case-{i}.safetensors", save({k: v.clone().contiguous() for k, v in inputs.items()}))
+            data = save({k: v.clone().contiguous() for k, v in inputs.items()})  # clone: no shared storage
+            self.box.put(f"case-{i}.safetensors", data)
             self.box.slot(f"case-{i}.safetensors")
             cases.append(scalars)
         self.box.put("task.json", json.dumps({"kind": ex.kind, "cases": cases}).encode())

@@ -158,9 +158,10 @@ class SandboxedExecute(Execute):
     memory = Integer(Limits.memory, help="bytes of address space per kernel process").tag(config=True)
     processes = Integer(Limits.processes, help="processes+threads of the kernel (root only)").tag(config=True)
     file_bytes = Integer(Limits.file_bytes, help="largest file a kernel may write").tag(config=True)
-    home_bytes = Integer(Limits.home_bytes, help="size of the kernel's in-memory home and /tmp").tag(config=True)
+    home_bytes = Integer(Limits.home_bytes, help="size of the kernel's home and /tmp").tag(config=True)
     output_bytes = Integer(Limits.output_bytes, help="output kept per cell").tag(config=True)
-    notebook_output_bytes = Integer(Limits.notebook_output_bytes, help="output kept per notebook").tag(config=True)
+    notebook_output_bytes = Integer(Limits.notebook_output_bytes,
+                                    help="output kept per notebook").tag(config=True)
     scratch = Unicode("", help="where kernels' boxes are made (default: the temp dir)").tag(config=True)
 
     def _limits(self) -> Limits:
@@ -175,11 +176,13 @@ class SandboxedExecute(Execute):
             self._session = judge.Session(self._box)
             self._stopped, self._kept, self._cut = None, 0, set()
             resources.setdefault(META, {}).update(
-                session=self._session, sandbox="on" if self._box.isolate else f"off: {probe() or 'not asked for'}")
+                session=self._session,
+                sandbox="on" if self._box.isolate else f"off: {probe() or 'not asked for'}")
             return super().preprocess(nb, resources, km)
 
     def create_kernel_manager(self):
-        self.km = BoxedKernelManager(config=self.config, transport="ipc", ip=str(self._box.runtime / "kernel"),
+        self.km = BoxedKernelManager(config=self.config, transport="ipc",
+                                     ip=str(self._box.runtime / "kernel"),
                                      connection_file=str(self._box.root / "connection.json"))
         self.km.box = self._box
         self.km.context.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
