@@ -74,7 +74,7 @@ def drop(*grade_ids):
 def parse_submission(path: Path) -> dict:
     header, body = {}, []
     for line in path.read_text().splitlines():
-        m = re.match(r"# (notebook|cell|replace|expect|says): (.*)$", line)
+        m = re.match(r"# (notebook|cell|replace|expect|says|flagged): (.*)$", line)
         if m and not body:
             header[m.group(1)] = m.group(2)
         elif body or not line.startswith("#"):

@@ -255,7 +255,8 @@ def _class(paths: dict[str, str]) -> dict[str, Student]:
     }
     for name, sub in SUBMISSIONS.items():  # tests/submissions: a small change each, and its points
         students[name.replace("_", "-")] = _one(sub["notebook"], apply_submission(sub),
-                                                sum(sub["expect"].values()), sub.get("says"))
+                                                sum(sub["expect"].values()), sub.get("says"),
+                                                flagged=sub.get("flagged") == "yes")
     return students
 
 

@@ -250,7 +250,7 @@ def autograd_training(inputs: dict[str, torch.Tensor], steps: int) -> tuple[dict
         with torch.enable_grad():
             loss = model.forward(leaves, inputs["Xb"][step], inputs["Yb"][step])["loss"]
             loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         params = {k: (leaves[k] - inputs["lr"][step] * leaves[k].grad).detach() for k in PARAM_NAMES}
     return params, losses
 

@@ -237,7 +237,9 @@ def _kernel_env(spec: dict, handin: str, home: str) -> dict[str, str]:
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
            "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg",
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", HANDIN_ENV: handin,
-           "BACKPROP_NINJA_DATA": str(_data_dir())}
+           "BACKPROP_NINJA_DATA": str(_data_dir()),
+           # the kernel imports the very package the grader runs (a checkout, or site-packages)
+           "PYTHONPATH": str(_package_dir().parent)}
     return {**env, **spec["env"]}
 
 
