@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -269,9 +270,14 @@ def run_grade(paths: list[str], as_json: bool = False, limits: Limits | None = N
                    "feedback": r.feedback} for stem, r in mine.items()}}))
         return 0
     width = max(len(s) for s in mine)
+    indent = width + 17  # where the "first problem" column starts; long reasons wrap under it
+    wrap = max(40, shutil.get_terminal_size().columns - indent)
     print(f"{'notebook':{width}s}  {'score':>6s}  {'max':>5s}  first problem")
     for stem, r in mine.items():
-        print(f"{stem:{width}s}  {r.score:6g}  {r.max_score:5g}  {r.problem or '-'}")
+        first, *rest = textwrap.wrap(r.problem or "-", wrap)
+        print(f"{stem:{width}s}  {r.score:6g}  {r.max_score:5g}  {first}")
+        for line in rest:
+            print(" " * indent + line)
     print(f"{'total':{width}s}  {score:6g}  {max_score:5g}")
     if results.sandbox != "on":
         print(f"sandbox {results.sandbox}: your code ran without isolation; the judge still ran outside it.")

@@ -137,6 +137,8 @@ def autograde_job(root: str, student: str, stem: str, limits: dict, isolate: boo
     from nbgrader.api import Gradebook
     from nbgrader.converters import Autograde, GenerateFeedback
 
+    from backprop_ninja.grading.steps import first_problem
+
     root_path = Path(root)
     _enter_job(root_path)
     config = job_config(root_path, Limits(**limits), isolate)
@@ -155,31 +157,14 @@ def autograde_job(root: str, student: str, stem: str, limits: dict, isolate: boo
         score, max_score = float(nb.score), float(nb.max_score)
     found = nbformat.read(str(autograded), as_version=4).metadata.get("backprop_ninja", {})
     (root_path / "result.json").write_text(json.dumps({
-        "score": score, "max_score": max_score, "problem": first_problem(autograded),
+        "score": score, "max_score": max_score,
+        "problem": first_problem(nbformat.read(str(autograded), as_version=4)),
         "flags": found.get("flags", []), "sandbox": found.get("sandbox", ""),
         "autograded": str(autograded), "feedback": str(html) if html.exists() else None}))
 
 
-def first_problem(autograded: Path) -> str | None:
-    """The first test cell short of full marks, in one line: its verdict's first problem."""
-    import nbformat
-    from nbgrader import utils
-
-    for cell in nbformat.read(str(autograded), as_version=4).cells:
-        if cell.cell_type != "code" or not utils.is_grade(cell) or utils.is_solution(cell):
-            continue
-        score, max_score = utils.determine_grade(cell)
-        if score is None or score >= max_score:
-            continue
-        text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
-        lines = [line for line in text.splitlines() if line.strip()]
-        first = lines[0] if lines else ""
-        line = next((x for x in lines if x.startswith(("Score 0", " ", "This test"))), first)
-        return f"{cell.metadata['nbgrader']['grade_id']}: {one_line(line or f'{score:g}/{max_score:g}')}"
-    return None
-
-
 def one_line(text: str, width: int = 300) -> str:
+    """A log line for a sentence: whitespace collapsed, at most ``width`` characters."""
     text = " ".join(_ANSI.sub("", text).split())
     return text if len(text) <= width else text[: width - 3] + "..."
 

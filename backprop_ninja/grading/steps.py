@@ -5,7 +5,7 @@ on grader/ grade the same way.
 autograde, sanitize:  ... OverwriteCells -> RestoreCells ...
 autograde:            Execute -> SandboxedExecute, then JudgeVerdicts, then nbgrader's
                       LimitOutput, SaveAutoGrades ... (which read the verdicts JudgeVerdicts wrote)
-generate_feedback:    GetGrades, HideHiddenTests, CSSHTMLHeaderPreprocessor
+generate_feedback:    GetGrades, HideHiddenTests, FeedbackSummary, CSSHTMLHeaderPreprocessor
 
 - ``RestoreCells``: edited or deleted test and read-only cells come back from the source.
 - ``SandboxedExecute``: each notebook's kernel in its own sandbox (``sandbox.Box``); just
@@ -16,10 +16,12 @@ generate_feedback:    GetGrades, HideHiddenTests, CSSHTMLHeaderPreprocessor
   the points as nbgrader's partial credit), whatever the kernel printed; learner cells
   that break the source rules zero every test after them.
 - ``HideHiddenTests``: feedback shows each test's verdict, never its hidden source.
+- ``FeedbackSummary``: feedback opens with the score, the first thing to fix and every verdict.
 """
 
 from __future__ import annotations
 
+import html
 import os
 import tempfile
 from pathlib import Path
@@ -326,6 +328,27 @@ def _why_not_run(cell) -> list[str]:
 # --------------------------------------------------------------------------- feedback
 
 
+def verdict_lines(cell) -> list[str]:
+    """A judged test cell's verdict, line by line (what JudgeVerdicts wrote on its stdout)."""
+    text = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def first_problem(nb) -> str | None:
+    """The first test short of full marks, in one line: its verdict's first problem, whole."""
+    for cell in nb.cells:
+        if not is_test(cell):
+            continue
+        score, max_score = utils.determine_grade(cell)
+        if score is None or score >= max_score:
+            continue
+        lines = verdict_lines(cell)
+        line = next((x for x in lines if x.startswith(("Score 0", " ", "This test"))),
+                    lines[0] if lines else f"{score:g}/{max_score:g}")
+        return f"{_grade_id(cell)}: {' '.join(line.split())}"
+    return None
+
+
 class HideHiddenTests(ClearHiddenTests):
     """Feedback step: test cells keep their verdict, never their hidden source."""
 
@@ -333,6 +356,48 @@ class HideHiddenTests(ClearHiddenTests):
         if is_test(cell) and self._remove_hidden_test_region(cell):
             cell.source = cell.source.rstrip() + "\n# hidden tests ran here (their code is not shown)"
         return cell, resources
+
+
+SUMMARY_STYLE = """<style>
+.bn-feedback-summary { border: 2px solid #1565c0; border-radius: 6px; padding: 0.6em 1em;
+                       margin: 0.5em 0 1em; }
+.bn-feedback-summary h2 { margin-top: 0.2em; }
+.bn-feedback-summary li { margin: 0.3em 0; }
+.bn-feedback-summary pre { white-space: pre-wrap; word-break: break-word; margin: 0.2em 0; }
+div.output_area pre, div.output_text pre { white-space: pre-wrap; word-break: break-word; }
+</style>"""
+
+
+class FeedbackSummary(NbGraderPreprocessor):
+    """Feedback step: a summary first, where the learner looks (the score, the first thing to
+    fix, each test's verdict, what the source rules flagged), and long lines wrapped everywhere
+    instead of cut, so no reason is cut short."""
+
+    def preprocess(self, nb, resources):
+        grader = resources.get("nbgrader", {})
+        score, max_score = grader.get("score"), grader.get("max_score")
+        parts = [SUMMARY_STYLE, '<div class="bn-feedback-summary">']
+        if score is not None:
+            parts.append(f"<h2>Score: {float(score):g} / {float(max_score):g}</h2>")
+        first = first_problem(nb)
+        parts.append(f"<p><b>First thing to fix:</b> {html.escape(first)}</p>" if first
+                     else "<p>Every test passed.</p>")
+        items = []
+        for cell in nb.cells:
+            if is_test(cell):
+                got, out_of = utils.determine_grade(cell)
+                verdict = html.escape("\n".join(verdict_lines(cell)))
+                items.append(f"<li><b>{html.escape(_grade_id(cell))}</b>: {got or 0:g} / {out_of:g}"
+                             f"<pre>{verdict}</pre></li>")
+        parts.append(f"<ul>{''.join(items)}</ul>")
+        flags = nb.metadata.get(META, {}).get("flags", [])
+        if flags:
+            found = "; ".join(f"cell {f['cell']}: {f['what']} ({f['rule']})" for f in flags)
+            parts.append(f"<p><b>Flagged for an instructor's review:</b> {html.escape(found)}</p>")
+        parts.append("</div>")
+        nb.cells.insert(0, NotebookNode(cell_type="markdown", metadata={}, source="\n".join(parts),
+                                        id="bn-feedback-summary"))
+        return nb, resources
 
 
 # --------------------------------------------------------------------------- config
@@ -359,4 +424,5 @@ def harden_nbgrader(c) -> None:
     c.Autograde.sanitize_preprocessors = [RestoreCells if named(p) == "OverwriteCells" else p
                                           for p in steps("sanitize_preprocessors")]
     c.OverwriteCells.add_missing_cells = True
-    c.GenerateFeedback.preprocessors = [GetGrades, HideHiddenTests, CSSHTMLHeaderPreprocessor]
+    c.GenerateFeedback.preprocessors = [GetGrades, HideHiddenTests, FeedbackSummary,
+                                        CSSHTMLHeaderPreprocessor]
