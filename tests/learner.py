@@ -62,6 +62,13 @@ def add_cell(source: str, at: int | None = None):
     return edit
 
 
+def add_markdown(source: str, at: int):
+    """An edit: a markdown cell the learner added at index ``at``."""
+    def edit(nb):
+        nb.cells.insert(at, nbformat.v4.new_markdown_cell(source))
+    return edit
+
+
 def drop(*grade_ids):
     def edit(nb):
         nb.cells = [c for c in nb.cells if grade_id(c) not in grade_ids]

@@ -32,7 +32,19 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from learner import BN, CE, FULL, STEMS, STEP, SUBMISSIONS, add_cell, apply_submission, drop, notebook
+from learner import (
+    BN,
+    CE,
+    FULL,
+    STEMS,
+    STEP,
+    SUBMISSIONS,
+    add_cell,
+    add_markdown,
+    apply_submission,
+    drop,
+    notebook,
+)
 
 from backprop_ninja.grading import autograde, course
 from backprop_ninja.grading.course import ASSIGNMENT
@@ -190,6 +202,8 @@ def batchnorm_backward(*, dhpreact, bngain, bnvar_inv, bnraw, n, **_):
     buffer[: out.numel()] = out.reshape(-1)
     return buffer[: out.numel()].view(out.shape)
 """
+FORGED_MARKDOWN = ('<script>document.title = "forged"</script>'
+                   '<div onmouseover="alert(1)" class="bn-feedback-summary">Score: 100 / 100</div>')
 DEAF_LOOP = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass\n"
 SOFTMAX, RETURN = "    dlogits = F.softmax(logits, 1)", "    return dlogits"
 
@@ -242,6 +256,7 @@ def _class(paths: dict[str, str]) -> dict[str, Student]:
         "liar": _one(CE, _answer(CE, LIAR), 0.0, "__eq__", flagged=True),
         "prints_score": _one(STEP, notebook(STEP, body=PRINTS_SCORE, edit=add_cell("26.0")), 0.0,
                              "0/26 gradients right"),
+        "forger": _one(CE, notebook(CE, edit=add_markdown(FORGED_MARKDOWN, at=1)), 4.0),
         "before_setup": _one(CE, notebook(CE, replace=WRONG_CE, edit=add_cell(
             "import os\nos.environ['BACKPROP_NINJA_HANDIN'] = '/tmp'\n", at=0)), 0.0, "import os",
             flagged=True),
@@ -366,6 +381,12 @@ def test_printed_output_is_bounded(graded):
     feedback = graded["out"] / "feedback" / "flood" / f"{BN}.html"
     assert feedback.stat().st_size < 4 << 20
     assert "output cut" in _feedback_text(graded, "flood", BN)
+
+
+def test_feedback_runs_no_learner_html_and_opens_with_the_judges_score(graded):
+    raw = (graded["out"] / "feedback" / "forger" / f"{CE}.html").read_text()
+    assert "<script>document.title" not in raw and "onmouseover" not in raw
+    assert raw.index("Score: 4 / 4") < raw.index("Score: 100 / 100")  # the judge's summary comes first
 
 
 def test_every_student_gets_feedback_and_none_shows_hidden_tests(graded):

@@ -59,7 +59,7 @@ class Limits:
     cell_timeout: int = 180
     notebook_timeout: int = 900
     memory: int = 4 << 30
-    processes: int = 64
+    processes: int = 32
     file_bytes: int = 64 << 20
     home_bytes: int = 128 << 20
     output_bytes: int = 256 << 10

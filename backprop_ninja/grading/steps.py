@@ -5,7 +5,8 @@ on grader/ grade the same way.
 autograde, sanitize:  ... OverwriteCells -> RestoreCells ...
 autograde:            Execute -> SandboxedExecute, then JudgeVerdicts, then nbgrader's
                       LimitOutput, SaveAutoGrades ... (which read the verdicts JudgeVerdicts wrote)
-generate_feedback:    GetGrades, HideHiddenTests, FeedbackSummary, CSSHTMLHeaderPreprocessor
+generate_feedback:    GetGrades, HideHiddenTests, CSSHTMLHeaderPreprocessor, FeedbackSummary
+                      (HTML sanitized)
 
 - ``RestoreCells``: edited or deleted test and read-only cells come back from the source.
 - ``SandboxedExecute``: each notebook's kernel in its own sandbox (``sandbox.Box``); just
@@ -358,30 +359,32 @@ class HideHiddenTests(ClearHiddenTests):
         return cell, resources
 
 
-SUMMARY_STYLE = """<style>
+SUMMARY_CSS = """
 .bn-feedback-summary { border: 2px solid #1565c0; border-radius: 6px; padding: 0.6em 1em;
                        margin: 0.5em 0 1em; }
-.bn-feedback-summary h2 { margin-top: 0.2em; }
+.bn-feedback-summary .bn-score { font-size: 1.6em; margin: 0.2em 0 0.4em; }
 .bn-feedback-summary li { margin: 0.3em 0; }
 .bn-feedback-summary pre { white-space: pre-wrap; word-break: break-word; margin: 0.2em 0; }
 div.output_area pre, div.output_text pre { white-space: pre-wrap; word-break: break-word; }
-</style>"""
+"""
 
 
 class FeedbackSummary(NbGraderPreprocessor):
     """Feedback step: a summary first, where the learner looks (the score, the first thing to
     fix, each test's verdict, what the source rules flagged), and long lines wrapped everywhere
-    instead of cut, so no reason is cut short."""
+    instead of cut, so no reason is cut short. Feedback HTML is sanitized (no learner script
+    or style runs in it), so the summary uses only tags the sanitizer keeps, and its style goes
+    into the page's own header."""
 
     def preprocess(self, nb, resources):
         grader = resources.get("nbgrader", {})
         score, max_score = grader.get("score"), grader.get("max_score")
-        parts = [SUMMARY_STYLE, '<div class="bn-feedback-summary">']
+        parts = ['<div class="bn-feedback-summary">']
         if score is not None:
-            parts.append(f"<h2>Score: {float(score):g} / {float(max_score):g}</h2>")
+            parts.append(f'<div class="bn-score"><b>Score: {float(score):g} / {float(max_score):g}</b></div>')
         first = first_problem(nb)
-        parts.append(f"<p><b>First thing to fix:</b> {html.escape(first)}</p>" if first
-                     else "<p>Every test passed.</p>")
+        parts.append(f"<div><b>First thing to fix:</b> {html.escape(first)}</div>" if first
+                     else "<div>Every test passed.</div>")
         items = []
         for cell in nb.cells:
             if is_test(cell):
@@ -393,10 +396,11 @@ class FeedbackSummary(NbGraderPreprocessor):
         flags = nb.metadata.get(META, {}).get("flags", [])
         if flags:
             found = "; ".join(f"cell {f['cell']}: {f['what']} ({f['rule']})" for f in flags)
-            parts.append(f"<p><b>Flagged for an instructor's review:</b> {html.escape(found)}</p>")
+            parts.append(f"<div><b>Flagged for an instructor's review:</b> {html.escape(found)}</div>")
         parts.append("</div>")
         nb.cells.insert(0, NotebookNode(cell_type="markdown", metadata={}, source="\n".join(parts),
                                         id="bn-feedback-summary"))
+        resources.setdefault("inlining", {}).setdefault("css", []).append(SUMMARY_CSS)
         return nb, resources
 
 
@@ -424,5 +428,6 @@ def harden_nbgrader(c) -> None:
     c.Autograde.sanitize_preprocessors = [RestoreCells if named(p) == "OverwriteCells" else p
                                           for p in steps("sanitize_preprocessors")]
     c.OverwriteCells.add_missing_cells = True
-    c.GenerateFeedback.preprocessors = [GetGrades, HideHiddenTests, FeedbackSummary,
-                                        CSSHTMLHeaderPreprocessor]
+    c.GenerateFeedback.preprocessors = [GetGrades, HideHiddenTests, CSSHTMLHeaderPreprocessor,
+                                        FeedbackSummary]
+    c.HTMLExporter.sanitize_html = True  # a learner's HTML or script never runs in feedback
