@@ -86,75 +86,14 @@ def forward(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor)
 # --------------------------------------------------------------------------- backward passes
 
 
-def fused_backward(*, Xb, Yb, C, W1, W2, bngain, embcat, bnraw, bnvar_inv, h, logits, **_) -> dict:
-    """The course's reference backward for exercise 4: the 7 parameter gradients.
-
-    Inputs are the forward's tensors (see ``forward`` for shapes); returns
-    {"C": (V, d), "W1": (block*d, H), "b1": (H,), "W2": (H, V), "b2": (V,),
-    "bngain": (1, H), "bnbias": (1, H)}. Every line is one or two torch calls on the
-    whole batch: no Python loop, no statistic computed twice, and in-place updates
-    only on tensors created here (the inputs are never modified).
-    """
-    n = Xb.shape[0]
-    # cross-entropy (exercise 2): softmax minus the one-hot of the targets, averaged over n
-    dlogits = F.softmax(logits, 1)
-    # (the lecture's dlogits[range(n), Yb] -= 1 does the same but costs ~3x this whole block:
-    # range(n) is turned into a tensor element by element, then indexing takes three calls)
-    dlogits -= F.one_hot(Yb, logits.shape[1])
-    dlogits /= n
-    # second linear layer
-    dh = dlogits @ W2.T
-    dW2 = h.T @ dlogits
-    db2 = dlogits.sum(0)
-    # tanh: h is already tanh(hpreact), so its derivative is 1 - h**2
-    dhpreact = dh - dh * h * h
-    # BatchNorm (exercise 3); its two sums are dbnbias and dbngain, so reuse them
-    dbngain = (bnraw * dhpreact).sum(0, keepdim=True)
-    dbnbias = dhpreact.sum(0, keepdim=True)
-    # dhprebn = bngain * bnvar_inv * (dhpreact - dbnbias / n - bnraw * dbngain / (n - 1)), with the
-    # last product and difference in one call: torch.addcmul(a, b, c, value=v) is a + v * b * c
-    dhprebn = bngain * bnvar_inv * torch.addcmul(dhpreact - dbnbias / n, bnraw, dbngain, value=-1 / (n - 1))
-    # first linear layer
-    dembcat = dhprebn @ W1.T
-    dW1 = embcat.T @ dhprebn
-    db1 = dhprebn.sum(0)  # ~0: BatchNorm subtracts the batch mean, so b1 cannot change the loss
-    # embedding: row C[i] collects the gradient of every position of the batch that looked it up
-    dC = torch.zeros_like(C).index_add_(0, Xb.reshape(-1), dembcat.reshape(-1, C.shape[1]))
-    return {"C": dC, "W1": dW1, "b1": db1, "W2": dW2, "b2": db2, "bngain": dbngain, "bnbias": dbnbias}
+# The course's reference backward passes, by name (``backprop_ninja.reference``, loaded on use).
+BACKWARDS = ("manual", "lecture", "autograd")
 
 
-def lecture_backward(*, Xb, Yb, C, W1, W2, bngain, emb, embcat, bnraw, bnvar_inv, h, logits, **_) -> dict:
-    """The lecture's exercise-4 backward as written, with its Python double loop for dC.
+def _reference(name: str) -> Backward:
+    from backprop_ninja import reference
 
-    Kept for the benchmark and ``backprop-ninja train --backward lecture``: it is
-    correct but makes ~100 small torch calls per step for dC alone.
-    """
-    n = Xb.shape[0]
-    dlogits = F.softmax(logits, 1)
-    dlogits[range(n), Yb] -= 1
-    dlogits /= n
-    dh = dlogits @ W2.T
-    dW2 = h.T @ dlogits
-    db2 = dlogits.sum(0)
-    dhpreact = (1.0 - h**2) * dh
-    dbngain = (bnraw * dhpreact).sum(0, keepdim=True)
-    dbnbias = dhpreact.sum(0, keepdim=True)
-    dhprebn = bngain * bnvar_inv / n * (n * dhpreact - dhpreact.sum(0)
-                                        - n / (n - 1) * bnraw * (dhpreact * bnraw).sum(0))
-    dembcat = dhprebn @ W1.T
-    dW1 = embcat.T @ dhprebn
-    db1 = dhprebn.sum(0)
-    demb = dembcat.view(emb.shape)
-    dC = torch.zeros_like(C)
-    for k in range(Xb.shape[0]):
-        for j in range(Xb.shape[1]):
-            ix = Xb[k, j]
-            dC[ix] += demb[k, j]
-    return {"C": dC, "W1": dW1, "b1": db1, "W2": dW2, "b2": db2, "bngain": dbngain, "bnbias": dbnbias}
-
-
-BACKWARDS: dict[str, Backward | None] = {"manual": fused_backward, "lecture": lecture_backward,
-                                         "autograd": None}
+    return {"manual": reference.fused_backward, "lecture": reference.lecture_backward}[name]
 
 
 def _resolve(backward) -> tuple[str, Backward | None]:
@@ -163,7 +102,7 @@ def _resolve(backward) -> tuple[str, Backward | None]:
     if isinstance(backward, str):
         if backward not in BACKWARDS:
             raise UserError(f"unknown backward {backward!r}; choose one of {', '.join(BACKWARDS)}.")
-        return backward, BACKWARDS[backward]
+        return backward, _reference(backward)
     if not callable(backward):
         raise UserError(f"backward must be a function (or 'autograd'), got {type(backward).__name__}.")
     _check_signature(backward)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_diagnosis import FD_EXACT, finite_differences, fresh, stepwise  # noqa: E402
 
-from backprop_ninja import check, model, train  # noqa: E402
+from backprop_ninja import check, model, reference  # noqa: E402
 
 BATCHES = (2, 2, 3, 4, 5, 8, 17, 32, 64)
 WIDTHS = (4, 8, 17, 64, 100, 200)
@@ -129,8 +129,8 @@ def formulations(t: dict, ref: dict):
         yield f"ex2 {label}", {"logits": g}, False
     for label, g in batchnorm_answers(t, ref["hpreact"]).items():
         yield f"ex3 {label}", {"hprebn": g}, False
-    yield "ex4 course (train.fused_backward)", train.fused_backward(**t), False
-    yield "ex4 lecture (train.lecture_backward)", train.lecture_backward(**t), False
+    yield "ex4 course (reference.fused_backward)", reference.fused_backward(**t), False
+    yield "ex4 lecture (reference.lecture_backward)", reference.lecture_backward(**t), False
 
 
 def measure_correct(dtype: torch.dtype, cases: int):

@@ -7,7 +7,7 @@ Times the FULL training step (minibatch draw, forward, backward, SGD update, los
 batch 32, n_hidden 200, one torch thread, for
   (a) autograd:  forward with a graph, then loss.backward()
   (b) lecture:   the lecture's manual backward, Python double loop for dC
-  (c) course:    the course's fused backward (backprop_ninja.train.fused_backward)
+  (c) course:    the course's fused backward (backprop_ninja.reference.fused_backward)
 All three share the same forward and update code, so only the backward (and whether the
 forward records a graph) differs. The variants are interleaved: each round times
 ``--steps`` steps of each in turn, so load from other processes on a shared machine hits

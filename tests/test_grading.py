@@ -125,6 +125,7 @@ def cross_entropy_backward(*, logits, Yb, **_):
     (g,) = engine.run_backward((loss,), (torch.ones_like(loss),), False, False, (x,), False, False)
     return g
 """
+REFERENCE = "from backprop_ninja.reference import fused_backward as backward"  # the course's own answer
 FUNC_GRAD = """\
 def cross_entropy_backward(*, logits, Yb, **_):
     return torch.func.grad(lambda x: F.cross_entropy(x, Yb))(logits)
@@ -242,8 +243,7 @@ def _class(paths: dict[str, str]) -> dict[str, Student]:
         "engine": _one(CE, _answer(CE, ENGINE), 0.0, "autograd", flagged=True),
         "func_grad": _one(CE, _answer(CE, FUNC_GRAD), 0.0, "torch.func", flagged=True),
         "subprocess": _one(BN, _answer(BN, SUBPROCESS), 0.0, "subprocess", flagged=True),
-        "reference": _one(FULL, _answer(FULL, "from backprop_ninja.train import fused_backward as backward"),
-                          0.0, "course internals", flagged=True),
+        "reference": _one(FULL, _answer(FULL, REFERENCE), 0.0, "course internals", flagged=True),
         "obfuscated": _one(CE, _answer(CE, OBFUSCATED), 0.0, "getattr", flagged=True),
         "complex_step": _one(CE, _answer(CE, COMPLEX_STEP), 0.0, "complex", flagged=True),
         "finite_differences": _one(CE, _answer(CE, FINITE_DIFFERENCES), 0.0, "dlogits is wrong"),

@@ -3,7 +3,6 @@ the course's internals, the shell and complex numbers, and never flags an honest
 
 import functools
 import json
-import re
 import statistics
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from learner import answer_cell, apply_submission, parse_submission
 
 from backprop_ninja.grading.rules import RULES, Finding, check_cell, course_names_from
 
@@ -59,25 +59,9 @@ def _rules(source, stem="01_stepwise_backprop"):
 
 
 def _submission(path):
-    """(notebook stem, the answer cell as submitted, the body alone) of a tests/submissions file: its
-    leading comment lines are a description and `# key: value` headers, the rest is the body."""
-    header, body = {}, []
-    for line in path.read_text().splitlines():
-        m = re.match(r"# (notebook|cell|replace|expect|says): (.*)$", line)
-        if m and not body:
-            header[m.group(1)] = m.group(2)
-        elif body or not line.startswith("#"):
-            body.append(line)
-    body = "\n".join(body).strip("\n")
-    answers = _answers(header["notebook"])
-    answer = answers[header["cell"]] if "cell" in header else answers.popitem()[1]
-    if "replace" not in header:
-        return header["notebook"], body, body
-    lines = answer.splitlines()
-    (i,) = [i for i, line in enumerate(lines) if line.strip() == header["replace"].strip()]
-    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
-    lines[i:i + 1] = [indent + b for b in body.splitlines()]
-    return header["notebook"], "\n".join(lines), body
+    """(notebook stem, the answer cell as submitted, the body alone) of a tests/submissions file."""
+    sub = parse_submission(path)
+    return sub["notebook"], answer_cell(apply_submission(sub), sub.get("cell")).source, sub["body"]
 
 
 ANSWERS = [(stem, grade_id, source) for stem in sorted(p.stem for p in SOURCE.glob("*.ipynb"))
@@ -515,7 +499,7 @@ def test_course_names_come_from_the_course_imports():
 def test_course_names_of_the_first_notebook():
     names, _ = _course("01_stepwise_backprop")
     assert names["data"] == "backprop_ninja.data" and names["model"] == "backprop_ninja.model"
-    assert names["cmp"] == "backprop_ninja.check.cmp" and names["hint"] == "backprop_ninja.hints.hint"
+    assert names["cmp"] == "backprop_ninja.check.cmp" and names["Hints"] == "backprop_ninja.hints.Hints"
 
 
 def test_course_functions_may_be_called_but_not_opened():

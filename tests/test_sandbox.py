@@ -98,6 +98,8 @@ def test_it_sees_no_course_source_no_other_job_and_no_grader_code(kernel, tmp_pa
     assert kernel.value(f"sorted(__import__('os').listdir({str(kernel.box.root)!r}))") == ["runtime"]
     status, _, err = kernel.run("import backprop_ninja.grading.judge")
     assert status == "error" and "ModuleNotFoundError" in err
+    status, _, err = kernel.run("from backprop_ninja.reference import fused_backward")
+    assert status == "error" and "Error" in err  # the course's own answers are not there either
     status, _, _ = kernel.run("import torch, backprop_ninja.model, backprop_ninja.handin")
     assert status == "ok"  # what a learner's notebook needs is there
 

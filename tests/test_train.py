@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backprop_ninja import UserError, cli, model
+from backprop_ninja import UserError, cli, model, reference
 from backprop_ninja import train as T
 
 
@@ -27,7 +27,7 @@ def _fresh(seed, batch, n_hidden):
     return model.autograd_reference(p, Xb, Yb)
 
 
-@pytest.mark.parametrize("backward", [T.fused_backward, T.lecture_backward])
+@pytest.mark.parametrize("backward", [reference.fused_backward, reference.lecture_backward])
 @pytest.mark.parametrize("seed,batch,n_hidden", [(0, 32, 200), (1, 2, 16), (2, 7, 64), (3, 100, 30)])
 def test_reference_backward_matches_autograd_on_fresh_inputs(backward, seed, batch, n_hidden):
     tensors, grads = _fresh(seed, batch, n_hidden)
@@ -48,7 +48,7 @@ def test_fused_backward_gives_the_training_forward_what_autograd_gives(lecture):
     Xb, Yb = Xtr[:32], Ytr[:32]
     _, grads = model.autograd_reference(p, Xb, Yb)
     with torch.no_grad():
-        got = T.fused_backward(**T.forward(p, Xb, Yb))
+        got = reference.fused_backward(**T.forward(p, Xb, Yb))
     for name in model.PARAM_NAMES:
         assert torch.allclose(got[name], grads[name], rtol=1e-9, atol=1e-12), name
 
@@ -102,7 +102,7 @@ def test_mistakes_in_a_learners_backward_are_one_clear_sentence(lecture):
         T.train(wants_probs, 5, splits=splits, itos=itos, progress=False)
 
     def drops_keepdim(**kw):
-        grads = T.fused_backward(**kw)
+        grads = reference.fused_backward(**kw)
         grads["bngain"] = grads["bngain"].squeeze(0)
         return grads
 
@@ -110,7 +110,7 @@ def test_mistakes_in_a_learners_backward_are_one_clear_sentence(lecture):
         T.train(drops_keepdim, 5, splits=splits, itos=itos, progress=False)
 
     def explodes(**kw):
-        return {k: g * 1e30 for k, g in T.fused_backward(**kw).items()}
+        return {k: g * 1e30 for k, g in reference.fused_backward(**kw).items()}
 
     with pytest.raises(UserError, match="diverged"):
         T.train(explodes, 50, splits=splits, itos=itos, progress=False)
@@ -131,7 +131,7 @@ def test_training_result_calibrates_evaluates_and_samples(lecture):
 
 
 def test_compare_speed_reports_the_learners_backward_against_autograd(lecture):
-    out = T.compare_speed(T.fused_backward, steps=20, repeats=2, splits=lecture[0])
+    out = T.compare_speed(reference.fused_backward, steps=20, repeats=2, splits=lecture[0])
     assert set(out) == {"yours_us", "autograd_us", "speedup"}
     assert out["yours_us"] > 0 and out["speedup"] == pytest.approx(out["autograd_us"] / out["yours_us"])
 
@@ -213,5 +213,5 @@ def test_notebook_04_solution_is_the_reference_backward():
     source = Path(__file__).resolve().parents[1] / "grader/source/backprop/04_full_training.ipynb"
     cell = next(c.source for c in nbformat.read(source, 4).cells if "def backward(" in c.source)
     solution = cell.split("### BEGIN SOLUTION\n")[1].split("    ### END SOLUTION")[0]
-    reference = inspect.getsource(T.fused_backward).split("    n = Xb.shape[0]\n")[1]
-    assert solution.rstrip() == reference.rsplit("\n    return", 1)[0].rstrip()
+    body = inspect.getsource(reference.fused_backward).split("    n = Xb.shape[0]\n")[1]
+    assert solution.rstrip() == body.rsplit("\n    return", 1)[0].rstrip()

@@ -7,7 +7,8 @@ bubblewrap sandbox (``bwrap``, a Debian package):
   mapped in a user namespace; no capabilities, no new privileges;
 - its own mount namespace: /usr, /etc and the Python environment read-only, the course
   package read-only *without* its ``grading/`` folder (what decides a grade is not even
-  visible), the data folder read-only, and small in-memory /tmp and home folders.
+  visible) and its ``reference.py`` (the course's own answers), the data folder read-only,
+  and small in-memory /tmp and home folders.
   Nothing else of the machine: no other submission, no output folder, no course template;
 - no network (its own network namespace): the grader reaches it over Unix sockets
   (ZeroMQ's ``ipc`` transport) in a folder it can no longer write to once it is up;
@@ -261,6 +262,7 @@ def _bwrap_argv(spec: dict, connection: str, kernel: list[str]) -> list[str]:
             "--perms", "1777", "--size", home_size, "--tmpfs", "/tmp",
             *_read_only(sys.base_prefix, sys.prefix, str(package)),
             "--perms", "0755", "--size", "4096", "--tmpfs", str(package / "grading"),
+            "--ro-bind", "/dev/null", str(package / "reference.py"),
             *_read_only(str(_data_dir())),
             *_parents(HOME), "--perms", "0700" if not spec["uid_switch"] else "1777", "--size", home_size,
             "--tmpfs", HOME,
