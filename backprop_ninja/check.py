@@ -496,8 +496,7 @@ def _hint(var: str, mistake: str | None, n: int | None, detail=None, status: str
                 "gradient is. Fix the first wrong gradient and this one will follow.")
     return (f"{d} does not match autograd. Work out the local derivative of the line that uses "
             f"{var}, multiply it by the upstream gradient, and add up every branch; "
-            f"hint(\"{name if name in FUSED_NAMES else var}\") "
-            "gives step-by-step help.")
+            f"hint(\"{d}\") gives step-by-step help.")
 
 
 def _classify(var: str, got: torch.Tensor, exp: torch.Tensor, terms, ctx: _Context,

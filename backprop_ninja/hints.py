@@ -1,231 +1,659 @@
-"""Progressive hints for a stuck learner: ``hint("bnvar")`` gives the next one.
+"""Progressive hints for a stuck learner, one exercise at a time.
 
-Each gradient has three: its shape, then the local derivative of the line that uses the
-variable, then how that chains with the upstream gradient. Words and maths, never code.
-Exercise 1 uses the lecture's names (``"bnvar"`` or ``"dbnvar"``); ``"dlogits"`` and
-``"dhprebn"`` are the fused exercises 2 and 3 (``"logits"``/``"hprebn"`` are exercise 1's lines).
+Each notebook's set-up cell binds ``hint = Hints(exercise=N)``; ``hint("dbnvar")`` (or
+``hint("bnvar")``) then shows the next hint for that gradient *of this exercise*: its shape,
+then the local derivative, then how it chains with the gradient flowing in. Words and
+maths, never code, never a solution's right-hand side.
+
+Beside every hint's words the table keeps what those words compute, as a ``Check`` on the
+forward tensors: never shown, evaluated by tests/test_hints.py against autograd on fresh
+inputs, so a hint that misleads fails a test instead of a learner.
 """
 
 from __future__ import annotations
 
-from backprop_ninja import UserError, model
+import html
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from backprop_ninja import UserError, check, model
+
+# ----------------------------------------------------------------------------------------
+# The table's shape: exercise -> {variable: Gradient}; a Gradient is its hints in order, and
+# each hint (a Step) carries the Checks of what its words state.
+# ----------------------------------------------------------------------------------------
 
 
-class Hint(str):
-    """A hint is a string that shows as plain text (no quotes) in a notebook."""
+class Forward(dict):
+    """The forward pass's tensors by lecture name (``t.h``, ``t["h"]``) and the batch size ``t.n``."""
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Autograd(dict):
+    """autograd's gradients of the loss by lecture name (``d.h`` is dloss/dh, ``d.loss`` is 1), and
+    what one line (``line``) or every path (``path``) from a variable to a later one sends back."""
+
+    def __init__(self, tensors: dict, grads: dict):
+        one = torch.ones((), dtype=tensors["logprobs"].dtype)
+        super().__init__(grads, loss=one)
+        self._tensors = tensors
+        self._branches = None
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def line(self, var: str, out: str) -> torch.Tensor:
+        """The gradient ``var`` receives through the one line that computes ``out``."""
+        if self._branches is None:
+            self._branches = check.branches(self._tensors, self)
+        return self._branches[var][out]
+
+    def path(self, var: str, out: str) -> torch.Tensor:
+        """The gradient ``var`` receives from ``dout`` along every path from ``var`` to ``out``."""
+        leaf = self._tensors[var].detach().clone().requires_grad_(True)
+        values = {**self._tensors, var: leaf}
+        with torch.enable_grad():
+            for name, inputs, op in model.GRAPH:
+                if name != var:
+                    values[name] = op(*(values[i] for i in inputs))
+                if name == out:
+                    break
+            return torch.autograd.grad(values[out], leaf, grad_outputs=self[out])[0]
+
+
+Expr = Callable[[Forward, Autograd], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Check:
+    """Never shown: what a hint's words compute (``says``), in terms of the forward tensors ``t`` and
+    autograd's upstream gradients ``d``, and the autograd value it must equal (``equals``; by
+    default autograd's gradient of the hint's variable). ``scale``: ``equals`` is that many times
+    (part of) the variable's gradient, which scales the tolerance."""
+
+    says: Expr
+    equals: Expr | None = None
+    scale: Callable[[Forward], float] | None = None
+
+    def run(self, var: str, tensors: dict, grads: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the words give, what autograd gives) on these forward tensors and gradients."""
+        t = Forward(tensors, n=int(tensors["Xb"].shape[0]))
+        d = Autograd(tensors, grads)
+        return self.says(t, d), (self.equals or (lambda t, d: d[var]))(t, d)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One hint: the words the learner reads, and the checks of the formulas they state."""
+
+    text: str
+    checks: tuple[Check, ...] = ()
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """The hints for one gradient, shown in order. ``shape`` (in the first hint's words, with
+    ``n``, ``n_hidden`` and numbers) is checked against the variable's real shape."""
+
+    var: str
+    shape: str
+    steps: tuple[Step, ...]
+
+
+def _sum_to(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Add ``x`` up over the dimensions that broadcasting added or stretched, down to ``shape``."""
+    while x.dim() > len(shape):
+        x = x.sum(0)
+    for i, size in enumerate(shape):
+        if size == 1 and x.shape[i] != 1:
+            x = x.sum(i, keepdim=True)
+    return x
+
+
+def _local(var: str, out: str, derivative: Callable[[Forward], torch.Tensor]) -> Check:
+    """The claim "the line computing ``out`` has local derivative ``derivative`` with respect to ``var``"
+    (entry by entry, on the broadcast shape): chained with dout, it gives that line's branch of dvar."""
+    return Check(says=lambda t, d: _sum_to(derivative(t) * d[out], t[var].shape),
+                 equals=lambda t, d: d.line(var, out))
+
+
+def _gradient(says: Expr) -> Check:
+    """The claim "following the words gives dvar"."""
+    return Check(says=says)
+
+
+def _shape(var: str, shape: str, more: str = "") -> Step:
+    return Step(f"d{var} has the shape of {var}, {shape}{more}")
+
+
+def _ones(var: str) -> Callable[[Forward], torch.Tensor]:
+    return lambda t: torch.ones_like(t[var])
+
+
+def _broadcast(var: str, what: str, aside: str = "") -> str:
+    """The rule for a variable broadcast in the forward pass: its gradient adds up the copies'."""
+    return (f"Every one of the {what}{aside} used its own copy of {var}, and every copy sends a gradient "
+            f"back: add them up over the {what}")
+
+
+def _one_hot(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """1 where ``index`` points along ``like``'s last dimension, in ``like``'s dtype."""
+    return F.one_hot(index, like.shape[-1]).to(like.dtype)
+
+
+def _rows_of_C(t: Forward) -> torch.Tensor:
+    """(…, vocab_size): 1 at the row of C each entry of Xb picks."""
+    return F.one_hot(t.Xb, t.C.shape[0]).to(t.C.dtype)
+
+
+def _scatter_loop(t: Forward, demb: torch.Tensor) -> torch.Tensor:
+    dC = torch.zeros_like(t.C)
+    for i in range(t.Xb.shape[0]):
+        for j in range(t.Xb.shape[1]):
+            dC[t.Xb[i, j]] += demb[i, j]
+    return dC
+
+
+# ----------------------------------------------------------------------------------------
+# Exercise 1: the 26 lines, one by one.
+# ----------------------------------------------------------------------------------------
+
+_LINEAR2 = "logits is h times W2 (a matrix product) plus b2"
+_SCALE_SHIFT = ("hpreact is bngain times bnraw plus bnbias, with the rows bngain and bnbias broadcast "
+                "over the n examples")
+_LINEAR1 = "hprebn is embcat times W1 (a matrix product) plus b1"
+
+_C_LOCAL = Step(
+    "emb is C indexed by Xb: emb[i, j] is a copy of the row of C for character Xb[i, j]. So emb[i, j] "
+    "depends on row c of C, with derivative 1, exactly when Xb[i, j] is c, and on no other row.",
+    (_gradient(lambda t, d: torch.einsum("ijc,ijk->ck", _rows_of_C(t), d.emb)),))
+_C_SCATTER = ("Send each demb[i, j] back to the row of dC for character Xb[i, j], adding: a character used "
+              "several times collects all its gradients, an unused one gets zero.")
+_C_TRAP = ("Beware of a single in-place addition indexed by all of Xb at once: with repeated characters "
+           "only one of the additions survives.")
+
+STEPWISE: dict[str, Gradient] = {g.var: g for g in (
+    Gradient("logprobs", "(n, 27)", (
+        _shape("logprobs", "(n, 27)", ": one number per example and character."),
+        Step("The loss is minus the mean, over the n examples, of logprobs at each example's correct "
+             "character (row i, column Yb[i]). So the loss depends on just those n entries, each with "
+             "weight −1/n, and not at all on the others: that is the local derivative.",
+             (_local("logprobs", "loss", lambda t: -_one_hot(t.Yb, t.logprobs) / t.n),)),
+        Step("Nothing is upstream of the loss (the loss's derivative with respect to itself is 1), so "
+             "dlogprobs is −1/n at each example's correct character and 0 everywhere else: start from "
+             "zeros with logprobs' shape and set those n entries.",
+             (_gradient(lambda t, d: -_one_hot(t.Yb, t.logprobs) / t.n),)),
+    )),
+    Gradient("probs", "(n, 27)", (
+        _shape("probs", "(n, 27)", "."),
+        Step("logprobs is the log of probs, entry by entry, and the derivative of log x is 1/x: the local "
+             "derivative is 1/probs.",
+             (_local("probs", "logprobs", lambda t: 1 / t.probs),)),
+        Step("Multiply the local derivative entry by entry by dlogprobs (the chain rule). Notice what it "
+             "does: a correct character given a low probability gets a large gradient.",
+             (_gradient(lambda t, d: d.logprobs / t.probs),)),
+    )),
+    Gradient("counts_sum_inv", "(n, 1)", (
+        _shape("counts_sum_inv", "(n, 1)", ": one number per example, a column."),
+        Step("probs is counts times counts_sum_inv, and the (n, 1) column counts_sum_inv is broadcast "
+             "across the 27 columns. The local derivative of probs[i, j] with respect to "
+             "counts_sum_inv[i] is counts[i, j].",
+             (_local("counts_sum_inv", "probs", lambda t: t.counts),)),
+        Step("Multiply counts by dprobs entry by entry. "
+             + _broadcast("counts_sum_inv[i]", "27 entries of row i")
+             + ", so that the result stays a column of shape (n, 1).",
+             (_gradient(lambda t, d: (t.counts * d.probs).sum(1, keepdim=True)),)),
+    )),
+    Gradient("counts_sum", "(n, 1)", (
+        _shape("counts_sum", "(n, 1)", "."),
+        Step("counts_sum_inv is counts_sum to the power −1. The power rule brings the exponent down and "
+             "lowers it by one: the local derivative is −1 times counts_sum to the power −2, that is "
+             "−1/counts_sum².",
+             (_local("counts_sum", "counts_sum_inv", lambda t: -1 / t.counts_sum**2),)),
+        Step("Multiply the local derivative entry by entry by dcounts_sum_inv; both are (n, 1).",
+             (_gradient(lambda t, d: -d.counts_sum_inv / t.counts_sum**2),)),
+    )),
+    Gradient("counts", "(n, 27)", (
+        _shape("counts", "(n, 27)", ". counts is used twice, in probs and in counts_sum, so its gradient "
+               "has two branches."),
+        Step("Through probs (counts times counts_sum_inv) the local derivative is counts_sum_inv[i] for "
+             "every entry of row i. Through counts_sum (the sum of each row) it is 1 for every entry.",
+             (_local("counts", "probs", lambda t: t.counts_sum_inv.expand_as(t.counts)),
+              _local("counts", "counts_sum", _ones("counts")))),
+        Step("Add the two branches: dprobs times counts_sum_inv, entry by entry, plus dcounts_sum[i] "
+             "copied to every entry of row i (a sum hands its gradient unchanged to each of its terms). "
+             "Forgetting the second branch is the classic mistake here.",
+             (_gradient(lambda t, d: d.probs * t.counts_sum_inv + d.counts_sum),)),
+    )),
+    Gradient("norm_logits", "(n, 27)", (
+        _shape("norm_logits", "(n, 27)", "."),
+        Step("counts is the exponential of norm_logits, entry by entry, and the derivative of eˣ is eˣ "
+             "itself: the local derivative is counts, which you already have.",
+             (_local("norm_logits", "counts", lambda t: t.counts),)),
+        Step("Multiply counts by dcounts, entry by entry.",
+             (_gradient(lambda t, d: t.counts * d.counts),)),
+    )),
+    Gradient("logit_maxes", "(n, 1)", (
+        _shape("logit_maxes", "(n, 1)", ": one number per example, a column."),
+        Step("norm_logits is logits minus logit_maxes, with the column logit_maxes broadcast across the 27 "
+             "columns: the local derivative with respect to logit_maxes is −1.",
+             (_local("logit_maxes", "norm_logits", lambda t: -torch.ones_like(t.norm_logits)),)),
+        Step("Take minus dnorm_logits. " + _broadcast("logit_maxes[i]", "27 entries of row i")
+             + ", keeping the shape (n, 1). Expect numbers near zero (about 1e-9 in float32): "
+             "shifting a row of logits does not change its softmax, so the loss does not depend on "
+             "logit_maxes.",
+             (_gradient(lambda t, d: -d.norm_logits.sum(1, keepdim=True)),)),
+    )),
+    Gradient("logits", "(n, 27)", (
+        _shape("logits", "(n, 27)", ". logits is used twice, in norm_logits and in logit_maxes (each "
+               "row's maximum), so its gradient has two branches."),
+        Step("Through norm_logits (logits minus logit_maxes) the local derivative is 1. Through the row "
+             "maximum it is 1 at the position of each row's largest logit and 0 elsewhere: only the "
+             "maximum affected it.",
+             (_local("logits", "norm_logits", _ones("logits")),
+              _local("logits", "logit_maxes", lambda t: _one_hot(t.logits.argmax(1), t.logits)))),
+        Step("Add both branches: dnorm_logits, plus dlogit_maxes[i] placed at the position of row i's "
+             "maximum and zero elsewhere in the row (a one-hot mask of where the maxima are, times the "
+             "column dlogit_maxes).",
+             (_gradient(lambda t, d: d.norm_logits
+                        + _one_hot(t.logits.argmax(1), t.logits) * d.logit_maxes),)),
+    )),
+    Gradient("h", "(n, n_hidden)", (
+        _shape("h", "(n, n_hidden)", "."),
+        Step(_LINEAR2 + ": h[i, k] multiplies W2[k, j] in logits[i, j] for every output j, so dh[i, k] is "
+             "the sum over j of dlogits[i, j] times W2[k, j].",
+             (Check(says=lambda t, d: torch.einsum("ij,kj->ik", d.logits, t.W2),
+                    equals=lambda t, d: d.line("h", "logits")),)),
+        Step("That sum over j is a matrix product of dlogits (n, 27) and W2 (n_hidden, 27): only one "
+             "arrangement (which one is transposed, and on which side) gives the shape (n, n_hidden).",
+             (_gradient(lambda t, d: d.logits @ t.W2.T),)),
+    )),
+    Gradient("W2", "(n_hidden, 27)", (
+        _shape("W2", "(n_hidden, 27)", "."),
+        Step(_LINEAR2 + ": W2[k, j] multiplies h[i, k] in logits[i, j] for every example i, so dW2[k, j] "
+             "is the sum over the examples i of h[i, k] times dlogits[i, j].",
+             (_gradient(lambda t, d: torch.einsum("ik,ij->kj", t.h, d.logits)),)),
+        Step("That sum over the examples is a matrix product of h (n, n_hidden) and dlogits (n, 27): the "
+             "shapes tell you which one to transpose to get (n_hidden, 27).",
+             (_gradient(lambda t, d: t.h.T @ d.logits),)),
+    )),
+    Gradient("b2", "(27,)", (
+        _shape("b2", "(27,)", ": one dimension only, like b2."),
+        Step(_LINEAR2 + ", with b2 broadcast over the n examples (added to every row): the local "
+             "derivative with respect to b2 is 1.",
+             (_local("b2", "logits", _ones("logits")),)),
+        Step(_broadcast("b2", "n examples", " (the rows of dlogits)")
+             + ". The result has b2's shape, (27,), with no kept dimension.",
+             (_gradient(lambda t, d: d.logits.sum(0)),)),
+    )),
+    Gradient("hpreact", "(n, n_hidden)", (
+        _shape("hpreact", "(n, n_hidden)", "."),
+        Step("h is tanh of hpreact, entry by entry, and the derivative of tanh x is 1 − tanh² x. Since tanh "
+             "of hpreact is h, which you already have, the local derivative is 1 − h².",
+             (_local("hpreact", "h", lambda t: 1 - t.h**2),)),
+        Step("Multiply the local derivative entry by entry by dh.",
+             (_gradient(lambda t, d: (1 - t.h**2) * d.h),)),
+    )),
+    Gradient("bngain", "(1, n_hidden)", (
+        _shape("bngain", "(1, n_hidden)", ": one row, one number per hidden unit."),
+        Step(_SCALE_SHIFT + ": the local derivative with respect to bngain is bnraw.",
+             (_local("bngain", "hpreact", lambda t: t.bnraw),)),
+        Step("Multiply bnraw by dhpreact entry by entry. " + _broadcast("bngain", "n examples")
+             + ", keeping the shape (1, n_hidden).",
+             (_gradient(lambda t, d: (t.bnraw * d.hpreact).sum(0, keepdim=True)),)),
+    )),
+    Gradient("bnbias", "(1, n_hidden)", (
+        _shape("bnbias", "(1, n_hidden)", ": one row, one number per hidden unit."),
+        Step(_SCALE_SHIFT + ": the local derivative with respect to bnbias is 1.",
+             (_local("bnbias", "hpreact", _ones("hpreact")),)),
+        Step(_broadcast("bnbias", "n examples", " (the rows of dhpreact)")
+             + ", keeping the shape (1, n_hidden).",
+             (_gradient(lambda t, d: d.hpreact.sum(0, keepdim=True)),)),
+    )),
+    Gradient("bnraw", "(n, n_hidden)", (
+        _shape("bnraw", "(n, n_hidden)", "."),
+        Step(_SCALE_SHIFT + ": the local derivative with respect to bnraw is bngain, the same number "
+             "for every entry of a column.",
+             (_local("bnraw", "hpreact", lambda t: t.bngain.expand_as(t.bnraw)),)),
+        Step("Multiply bngain by dhpreact entry by entry: bngain broadcasts over the examples by itself, "
+             "and nothing needs adding up, since bnraw has the full shape (n, n_hidden).",
+             (_gradient(lambda t, d: t.bngain * d.hpreact),)),
+    )),
+    Gradient("bnvar_inv", "(1, n_hidden)", (
+        _shape("bnvar_inv", "(1, n_hidden)", ": one row, one number per hidden unit."),
+        Step("bnraw is bndiff times bnvar_inv, with the row bnvar_inv broadcast over the n examples: the "
+             "local derivative with respect to bnvar_inv is bndiff.",
+             (_local("bnvar_inv", "bnraw", lambda t: t.bndiff),)),
+        Step("Multiply bndiff by dbnraw entry by entry. " + _broadcast("bnvar_inv", "n examples")
+             + ", keeping the shape (1, n_hidden).",
+             (_gradient(lambda t, d: (t.bndiff * d.bnraw).sum(0, keepdim=True)),)),
+    )),
+    Gradient("bnvar", "(1, n_hidden)", (
+        _shape("bnvar", "(1, n_hidden)", ": one row, one number per hidden unit."),
+        Step("bnvar_inv is (bnvar + ε) to the power −1/2, with ε the forward pass's 1e-5. The power rule "
+             "brings the exponent down and lowers it by one: the local derivative is −1/2 times "
+             "(bnvar + ε) to the power −3/2.",
+             (_local("bnvar", "bnvar_inv", lambda t: -0.5 * (t.bnvar + model.BN_EPS) ** -1.5),)),
+        Step("Multiply the local derivative entry by entry by dbnvar_inv; both are (1, n_hidden).",
+             (_gradient(lambda t, d: -0.5 * (t.bnvar + model.BN_EPS) ** -1.5 * d.bnvar_inv),)),
+    )),
+    Gradient("bndiff2", "(n, n_hidden)", (
+        _shape("bndiff2", "(n, n_hidden)", "."),
+        Step("bnvar is 1/(n − 1) times the sum of bndiff2 over the examples (Bessel's correction, see "
+             "exercise 3), so every entry's local derivative is 1/(n − 1).",
+             (_local("bndiff2", "bnvar", lambda t: torch.ones_like(t.bndiff2) / (t.n - 1)),)),
+        Step("dbnvar, a (1, n_hidden) row, flows back to every example equally: copy it down the n rows "
+             "and multiply by 1/(n − 1).",
+             (_gradient(lambda t, d: d.bnvar.expand_as(t.bndiff2) / (t.n - 1)),)),
+    )),
+    Gradient("bndiff", "(n, n_hidden)", (
+        _shape("bndiff", "(n, n_hidden)", ". bndiff is used twice, in bndiff2 and in bnraw, so its gradient "
+               "has two branches."),
+        Step("Through bndiff2 (bndiff squared) the local derivative is 2 times bndiff. Through bnraw "
+             "(bndiff times bnvar_inv) it is bnvar_inv, the same number for every entry of a column.",
+             (_local("bndiff", "bndiff2", lambda t: 2 * t.bndiff),
+              _local("bndiff", "bnraw", lambda t: t.bnvar_inv.expand_as(t.bndiff)))),
+        Step("Multiply each local derivative by the upstream gradient of its own branch (2 times bndiff by "
+             "dbndiff2, bnvar_inv by dbnraw) and add the two branches.",
+             (_gradient(lambda t, d: 2 * t.bndiff * d.bndiff2 + t.bnvar_inv * d.bnraw),)),
+    )),
+    Gradient("bnmeani", "(1, n_hidden)", (
+        _shape("bnmeani", "(1, n_hidden)", ": one row, one number per hidden unit."),
+        Step("bndiff is hprebn minus bnmeani, with the row bnmeani broadcast over the n examples: the "
+             "local derivative with respect to bnmeani is −1.",
+             (_local("bnmeani", "bndiff", lambda t: -torch.ones_like(t.bndiff)),)),
+        Step("Take minus dbndiff. " + _broadcast("bnmeani", "n examples")
+             + ", keeping the shape (1, n_hidden).",
+             (_gradient(lambda t, d: -d.bndiff.sum(0, keepdim=True)),)),
+    )),
+    Gradient("hprebn", "(n, n_hidden)", (
+        _shape("hprebn", "(n, n_hidden)", ". hprebn is used twice, in bndiff and in bnmeani, so its "
+               "gradient has two branches."),
+        Step("Through bndiff (hprebn minus bnmeani) the local derivative is 1. Through bnmeani (1/n times "
+             "the sum of hprebn over the examples) it is 1/n for every example.",
+             (_local("hprebn", "bndiff", _ones("hprebn")),
+              _local("hprebn", "bnmeani", lambda t: torch.ones_like(t.hprebn) / t.n))),
+        Step("Add both branches: dbndiff, plus dbnmeani copied down the n rows and multiplied by 1/n.",
+             (_gradient(lambda t, d: d.bndiff + d.bnmeani.expand_as(t.hprebn) / t.n),)),
+    )),
+    Gradient("embcat", "(n, 30)", (
+        _shape("embcat", "(n, 30)", ": 30 is block_size times n_embd, the three context characters' "
+               "embeddings side by side."),
+        Step(_LINEAR1 + ": embcat[i, k] multiplies W1[k, j] in hprebn[i, j] for every hidden unit j, so "
+             "dembcat[i, k] is the sum over j of dhprebn[i, j] times W1[k, j].",
+             (Check(says=lambda t, d: torch.einsum("ij,kj->ik", d.hprebn, t.W1),
+                    equals=lambda t, d: d.line("embcat", "hprebn")),)),
+        Step("That sum over j is a matrix product of dhprebn (n, n_hidden) and W1 (30, n_hidden): only one "
+             "arrangement gives the shape (n, 30).",
+             (_gradient(lambda t, d: d.hprebn @ t.W1.T),)),
+    )),
+    Gradient("W1", "(30, n_hidden)", (
+        _shape("W1", "(30, n_hidden)", "."),
+        Step(_LINEAR1 + ": W1[k, j] multiplies embcat[i, k] in hprebn[i, j] for every example i, so "
+             "dW1[k, j] is the sum over the examples i of embcat[i, k] times dhprebn[i, j].",
+             (_gradient(lambda t, d: torch.einsum("ik,ij->kj", t.embcat, d.hprebn)),)),
+        Step("That sum over the examples is a matrix product of embcat (n, 30) and dhprebn (n, n_hidden): "
+             "the shapes tell you which one to transpose to get (30, n_hidden).",
+             (_gradient(lambda t, d: t.embcat.T @ d.hprebn),)),
+    )),
+    Gradient("b1", "(n_hidden,)", (
+        _shape("b1", "(n_hidden,)", ": one dimension only, like b1."),
+        Step(_LINEAR1 + ", with b1 broadcast over the n examples (added to every row): the local "
+             "derivative with respect to b1 is 1.",
+             (_local("b1", "hprebn", _ones("hprebn")),)),
+        Step(_broadcast("b1", "n examples", " (the rows of dhprebn)")
+             + ". The result has b1's shape, (n_hidden,), with no kept dimension. Expect numbers near "
+             "zero: BatchNorm subtracts the batch mean, so b1 cannot change the loss.",
+             (_gradient(lambda t, d: d.hprebn.sum(0)),)),
+    )),
+    Gradient("emb", "(n, 3, 10)", (
+        _shape("emb", "(n, 3, 10)", ": (n, block_size, n_embd), one 10-number embedding per example and "
+               "context position."),
+        Step("embcat is emb seen as (n, 30): each example's three embeddings side by side. Nothing is "
+             "computed, the numbers are only rearranged, so each entry's local derivative is 1: entry "
+             "[i, j, k] of emb is entry [i, 10j + k] of embcat.",
+             (Check(says=lambda t, d: torch.stack([d.embcat[:, 10 * j:10 * j + 10] for j in range(3)], 1),
+                    equals=lambda t, d: d.line("emb", "embcat")),)),
+        Step("Rearrange dembcat back into emb's shape (n, 3, 10): row i's 30 numbers become three rows of "
+             "10, in the same order.",
+             (_gradient(lambda t, d: d.embcat.reshape(t.emb.shape)),)),
+    )),
+    Gradient("C", "(27, 10)", (
+        _shape("C", "(27, 10)", ": (vocab_size, n_embd), one row per character."),
+        _C_LOCAL,
+        Step(_C_SCATTER + " Start from zeros with C's shape and add the rows in one by one, looping over the "
+             "examples i and the context positions j (exercise 4 shows a faster way). " + _C_TRAP,
+             (_gradient(lambda t, d: _scatter_loop(t, d.emb)),)),
+    )),
+)}
+
+# ----------------------------------------------------------------------------------------
+# Exercises 2 and 3: the fused gradients, derived on paper.
+# ----------------------------------------------------------------------------------------
+
+
+def _softmax_minus_one_hot(t: Forward) -> torch.Tensor:
+    return t.probs - _one_hot(t.Yb, t.logits)
+
+
+def _stable_softmax(logits: torch.Tensor) -> torch.Tensor:
+    e = (logits - logits.max(1, keepdim=True).values).exp()
+    return e / e.sum(1, keepdim=True)
+
+
+FUSED_LOGITS = Gradient("logits", "(n, 27)", (
+    _shape("logits", "(n, 27)", ". Work on paper, one row (one example) at a time: the batch's loss is the "
+           "mean, over the n rows, of each row's loss, which is minus the log of the softmax probability "
+           "the row gives its correct character y (its entry of Yb)."),
+    Step("Write one row's loss with its 27 logits l_1 … l_27: it is −l_y + log Σ_k e^(l_k). Differentiate "
+         "with respect to one logit l_i. The log-sum-exp term gives e^(l_i) / Σ_k e^(l_k), the softmax "
+         "probability p_i; the −l_y term adds −1 when i is y and nothing otherwise. So the gradient of one "
+         "row's loss is p_i − 1 at the correct character and p_i everywhere else.",
+         (Check(says=lambda t, d: _softmax_minus_one_hot(t),
+                equals=lambda t, d: t.n * d.logits, scale=lambda t: t.n),)),
+    Step("The batch's loss is the mean of the n rows' losses, so divide every row's gradient by n: "
+         "dlogits is the softmax of the logits, with 1 taken away at each row's correct character, all "
+         "divided by n. Check your answer: every row of dlogits sums to zero (the correct character is "
+         "pushed up exactly as much as all the others together are pulled down).",
+         (_gradient(lambda t, d: _softmax_minus_one_hot(t) / t.n),)),
+    Step("Compute the softmax stably. e^l overflows to infinity for large logits (from about 89 in "
+         "float32, 710 in float64), and infinity over infinity is nan; the hidden tests use logits in "
+         "the thousands. Subtract each row's largest logit before exponentiating (that does not change "
+         "the softmax), as the forward pass does, or use PyTorch's softmax, which does it for you.",
+         (_gradient(lambda t, d: (_stable_softmax(t.logits) - _one_hot(t.Yb, t.logits)) / t.n),)),
+))
+
+
+def _bnraw_gradient(t: Forward, d: Autograd) -> torch.Tensor:
+    return t.bngain * d.hpreact
+
+
+def _fused_bn(t: Forward, d: Autograd) -> torch.Tensor:
+    """Exercise 3's formula as its last hint words it, in terms of g, the gradient of bnraw."""
+    g = _bnraw_gradient(t, d)
+    return t.bnvar_inv * (g - g.sum(0, keepdim=True) / t.n
+                          - t.bnraw * (g * t.bnraw).sum(0, keepdim=True) / (t.n - 1))
+
+
+FUSED_BN_STEPS = (
+    _shape("hprebn", "(n, n_hidden)", ". Work on paper on one column (one hidden unit): the result then "
+           "holds for every column at once. Name the forward pass's pieces: x_i for hprebn in row i, μ for "
+           "bnmeani, σ² for bnvar, x̂_i for bnraw, γ for bngain. You are given dhpreact and want the "
+           "gradient with respect to every x_i."),
+    Step("First undo the scale and shift: hpreact is γ·x̂ plus bnbias, so the gradient reaching x̂_i is "
+         "g_i, which is γ times row i of dhpreact. Write the rest in terms of g: it already holds γ, so γ "
+         "must not appear again.",
+         (Check(says=_bnraw_gradient, equals=lambda t, d: d.bnraw),)),
+    Step("x̂_i is (x_i − μ)·(σ² + ε)^(−1/2), and every x_j moves every x̂_i through μ and σ²: the batch "
+         "is coupled. The two derivatives you need: ∂μ/∂x_j is 1/n, and ∂σ²/∂x_j is 2·(x_j − μ)/(n − 1), "
+         "with Bessel's n − 1 as in the forward pass (the part of σ² that goes through μ adds nothing, "
+         "because the deviations x_j − μ sum to zero).",
+         (_local("hprebn", "bnmeani", lambda t: torch.ones_like(t.hprebn) / t.n),
+          Check(says=lambda t, d: 2 * t.bndiff / (t.n - 1) * d.bnvar,
+                equals=lambda t, d: d.path("hprebn", "bnvar")))),
+    Step("Add the three paths from x_i to the loss (directly through x̂_i, through μ, through σ²) and write "
+         "x_j − μ as x̂_j·(σ² + ε)^(1/2). The gradient with respect to x_i is (σ² + ε)^(−1/2) times "
+         "[ g_i − (1/n)·Σ_j g_j − x̂_i·(1/(n − 1))·Σ_j g_j·x̂_j ], the sums running over the examples. "
+         "(σ² + ε)^(−1/2) is bnvar_inv, one number per column, and each of the two sums is one row of "
+         "column sums, broadcast back over the n examples. Check: every column of dhprebn sums to zero.",
+         (_gradient(_fused_bn),)),
+)
+FUSED_BN = Gradient("hprebn", "(n, n_hidden)", FUSED_BN_STEPS)
+
+# ----------------------------------------------------------------------------------------
+# Exercise 4: the seven parameters, through the fused gradients; dC made fast.
+# ----------------------------------------------------------------------------------------
+
+
+def _dC_index_add(t: Forward, d: Autograd) -> torch.Tensor:
+    return torch.zeros_like(t.C).index_add_(0, t.Xb.reshape(-1), d.emb.reshape(-1, t.C.shape[1]))
+
+
+def _dC_one_hot(t: Forward, d: Autograd) -> torch.Tensor:
+    return _rows_of_C(t).reshape(-1, t.C.shape[0]).T @ d.emb.reshape(-1, t.C.shape[1])
+
+
+FULL_C = Gradient("C", "(27, 10)", (
+    _shape("C", "(27, 10)", ": (vocab_size, n_embd), one row per character. Its gradient comes back through "
+           "the whole network: dlogits (exercise 2), the second linear layer, tanh, dhprebn (exercise 3), "
+           "the first linear layer (dembcat), then demb, which is dembcat rearranged into emb's shape "
+           "(n, 3, 10)."),
+    _C_LOCAL,
+    Step(_C_SCATTER + " " + _C_TRAP, (_gradient(lambda t, d: _scatter_loop(t, d.emb)),)),
+    Step("Make it fast. A Python loop over the examples and the context positions launches about a hundred "
+         "tiny operations per training step, each costing microseconds, and over 200,000 steps that is "
+         "minutes. Do the scatter-add in one operation instead: flatten the contexts into one list of 3n "
+         "character indices and demb into the matching 3n rows of 10 numbers. Then either PyTorch's "
+         "index_add_ method on a zero tensor shaped like C adds each row into the row its index names "
+         "(repeated indices accumulate), or a matrix product does it: the transposed one-hot matrix of "
+         "those indices (27 by 3n) times those rows (3n by 10), since row c of it marks where character c "
+         "occurs.",
+         (_gradient(_dC_index_add), _gradient(_dC_one_hot))),
+))
+
+FULL_BN = Gradient("hprebn", "(n, n_hidden)", (
+    *FUSED_BN_STEPS,
+    Step("Reuse what you compute anyway: with g written out as bngain times dhpreact, the two column sums "
+         "of the formula are bngain times dbnbias (the sum of dhpreact over the examples) and bngain times "
+         "dbngain (the sum of dhpreact times bnraw).",
+         (_gradient(lambda t, d: t.bnvar_inv * t.bngain * (d.hpreact - d.bnbias / t.n
+                                                            - t.bnraw * d.bngain / (t.n - 1))),)),
+))
+
+EXERCISES: dict[int, dict[str, Gradient]] = {
+    1: STEPWISE,
+    2: {"logits": FUSED_LOGITS},
+    3: {"hprebn": FUSED_BN},
+    4: {**{p: STEPWISE[p] for p in model.PARAM_NAMES}, "C": FULL_C, "logits": FUSED_LOGITS,
+        "hprebn": FULL_BN},
+}
+
+
+def texts() -> dict[str, str]:
+    """Every hint a learner can be shown, ``{"exercise N, dX, k/K": text}`` (the leak test reads it)."""
+    return {f"exercise {ex}, d{var}, {k}/{len(g.steps)}": step.text
+            for ex, table in EXERCISES.items() for var, g in table.items()
+            for k, step in enumerate(g.steps, 1)}
+
+
+# ----------------------------------------------------------------------------------------
+# What a notebook calls.
+# ----------------------------------------------------------------------------------------
+
+
+class Hints:
+    """``hint = Hints(exercise=N)``; ``hint("dbnvar")`` shows the next hint for that gradient of
+    exercise N (``"bnvar"`` works too), and ``hint.reset()`` starts over."""
+
+    def __init__(self, exercise: int):
+        if exercise not in EXERCISES:
+            raise UserError(f"There is no exercise {exercise!r}: hints exist for exercises 1, 2, 3 and 4.")
+        self.exercise = exercise
+        self._table = EXERCISES[exercise]
+        self._shown: dict[str, int] = {}
+
+    def _key(self, name) -> str:
+        """The table's variable for ``name`` ("dbnvar" or "bnvar"), or one sentence saying what exists."""
+        var = name.strip() if isinstance(name, str) else ""
+        var = var[1:] if var not in self._table and var.startswith("d") else var
+        if var in self._table:
+            return var
+        known = _join([f"d{v}" for v in self._table], "or")
+        elsewhere = [ex for ex, table in EXERCISES.items() if var in table]
+        where = (f" (d{var} has hints in exercise{'s' if len(elsewhere) > 1 else ''} "
+                 f"{_join([str(ex) for ex in elsewhere], 'and')})" if elsewhere else "")
+        raise UserError(f"No hints for {name!r} in exercise {self.exercise}: ask for {known}{where}.")
+
+    def __call__(self, name: str | None = None) -> None:
+        """Show the next hint for gradient ``name``: shape, local derivative, chaining, ...; after the
+        last one, say so and show the last again. Without a name: which names there are."""
+        if name is None:
+            _show(f"Hints for exercise {self.exercise}", repr(self))
+            return
+        var = self._key(name)
+        steps = self._table[var].steps
+        k = self._shown.get(var, 0) + 1
+        self._shown[var] = k
+        if k <= len(steps):
+            _show(f"Hint {k}/{len(steps)} for d{var}", steps[k - 1].text)
+        else:
+            _show(f"No more hints for d{var}: the last one again ({len(steps)}/{len(steps)})", steps[-1].text)
+
+    def reset(self, name: str | None = None) -> None:
+        """Start the hints over: for one gradient, or (no name) for all."""
+        if name is None:
+            self._shown.clear()
+        else:
+            self._shown.pop(self._key(name), None)
 
     def __repr__(self) -> str:
-        return str(self)
+        names = ", ".join(f"d{v}" for v in self._table)
+        return f'hint("d<name>") shows the next hint for a gradient of exercise {self.exercise}: {names}.'
 
 
-def _broadcast_sum(var: str, shape: str, what: str) -> str:
-    return (f"{var} {shape} was broadcast (copied) across a dimension of {what}; every copy sends a "
-            "gradient back, so add them up along that dimension and keep the shape of the variable.")
+def _join(items: list[str], word: str) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {word} {items[-1]}"
 
 
-# name -> (shape, local derivative, chaining)
-STEPWISE: dict[str, tuple[str, str, str]] = {
-    "logprobs": (
-        "dlogprobs has the shape of logprobs, (n, 27): one number per example and character.",
-        "The loss is minus the mean, over the n examples, of logprobs at each example's correct "
-        "character (Yb). Only those n entries affect the loss; the other entries do not.",
-        "Each picked entry moves the loss by -1/n per unit; every other entry gets zero. Nothing is "
-        "upstream of the loss (dloss/dloss = 1).",
-    ),
-    "probs": (
-        "dprobs has the shape of probs, (n, 27).",
-        "logprobs = log(probs), element by element, and the derivative of log(x) is 1/x.",
-        "Multiply that local derivative element by element by dlogprobs (the chain rule).",
-    ),
-    "counts_sum_inv": (
-        "dcounts_sum_inv has the shape of counts_sum_inv, (n, 1): one number per example.",
-        "probs = counts * counts_sum_inv, so the local derivative with respect to counts_sum_inv "
-        "is counts.",
-        _broadcast_sum("counts_sum_inv", "(n, 1)", "27 columns") + " Multiply by dprobs first.",
-    ),
-    "counts_sum": (
-        "dcounts_sum has the shape of counts_sum, (n, 1).",
-        "counts_sum_inv = counts_sum to the power -1; use the power rule.",
-        "Multiply the local derivative element by element by dcounts_sum_inv.",
-    ),
-    "counts": (
-        "dcounts has the shape of counts, (n, 27). counts is used TWICE: in probs and in counts_sum.",
-        "Through probs = counts * counts_sum_inv the local derivative is counts_sum_inv; through "
-        "counts_sum (a sum along each row) it is 1 for every entry of the row.",
-        "Add the two branches: dprobs times counts_sum_inv, plus dcounts_sum copied along each row.",
-    ),
-    "norm_logits": (
-        "dnorm_logits has the shape of norm_logits, (n, 27).",
-        "counts = exp(norm_logits), and the derivative of exp is exp itself: you already have it.",
-        "Multiply element by element by dcounts.",
-    ),
-    "logit_maxes": (
-        "dlogit_maxes has the shape of logit_maxes, (n, 1).",
-        "norm_logits = logits - logit_maxes, so the local derivative is -1.",
-        _broadcast_sum("logit_maxes", "(n, 1)", "27 columns")
-        + " Expect tiny numbers: shifting the logits does not change the softmax, hence the loss.",
-    ),
-    "logits": (
-        "dlogits has the shape of logits, (n, 27). logits is used TWICE: in norm_logits and in "
-        "logit_maxes.",
-        "Through norm_logits = logits - logit_maxes the local derivative is 1; through the row "
-        "maximum it is 1 at the position of each row's maximum and 0 elsewhere.",
-        "Add both branches: dnorm_logits, plus dlogit_maxes placed at each row's maximum.",
-    ),
-    "h": (
-        "dh has the shape of h, (n, n_hidden).",
-        "logits = h @ W2 + b2: every h[i, k] multiplies W2[k, j] for every output j.",
-        "Combine dlogits (n, 27) with W2 (n_hidden, 27) in a matrix product; only one arrangement "
-        "(which one is transposed, and on which side) gives the shape (n, n_hidden).",
-    ),
-    "W2": (
-        "dW2 has the shape of W2, (n_hidden, 27).",
-        "logits = h @ W2 + b2: every W2[k, j] multiplies h[i, k] for every example i.",
-        "Combine h (n, n_hidden) with dlogits (n, 27) in a matrix product that sums over the "
-        "examples; the shapes tell you which one to transpose.",
-    ),
-    "b2": (
-        "db2 has the shape of b2, (27,): one dimension only.",
-        "logits = h @ W2 + b2: the local derivative with respect to b2 is 1.",
-        _broadcast_sum("b2", "(27,)", "the n examples"),
-    ),
-    "hpreact": (
-        "dhpreact has the shape of hpreact, (n, n_hidden).",
-        "h = tanh(hpreact); the derivative of tanh(x) is 1 - tanh(x) squared, and tanh(hpreact) is "
-        "h, which you already have.",
-        "Multiply the local derivative element by element by dh.",
-    ),
-    "bngain": (
-        "dbngain has the shape of bngain, (1, n_hidden).",
-        "hpreact = bngain * bnraw + bnbias: the local derivative with respect to bngain is bnraw.",
-        _broadcast_sum("bngain", "(1, n_hidden)", "the n examples") + " Multiply by dhpreact first.",
-    ),
-    "bnbias": (
-        "dbnbias has the shape of bnbias, (1, n_hidden).",
-        "hpreact = bngain * bnraw + bnbias: the local derivative with respect to bnbias is 1.",
-        _broadcast_sum("bnbias", "(1, n_hidden)", "the n examples"),
-    ),
-    "bnraw": (
-        "dbnraw has the shape of bnraw, (n, n_hidden).",
-        "hpreact = bngain * bnraw + bnbias: the local derivative with respect to bnraw is bngain.",
-        "Multiply element by element by dhpreact (bngain broadcasts over the examples by itself).",
-    ),
-    "bnvar_inv": (
-        "dbnvar_inv has the shape of bnvar_inv, (1, n_hidden).",
-        "bnraw = bndiff * bnvar_inv: the local derivative with respect to bnvar_inv is bndiff.",
-        _broadcast_sum("bnvar_inv", "(1, n_hidden)", "the n examples") + " Multiply by dbnraw first.",
-    ),
-    "bnvar": (
-        "dbnvar has the shape of bnvar, (1, n_hidden).",
-        "bnvar_inv = (bnvar + eps) to the power -0.5; use the power rule (the exponent comes down "
-        "and decreases by one).",
-        "Multiply the local derivative element by element by dbnvar_inv.",
-    ),
-    "bndiff2": (
-        "dbndiff2 has the shape of bndiff2, (n, n_hidden).",
-        "bnvar = 1/(n-1) times the sum of bndiff2 over the examples (Bessel's correction): each "
-        "entry's local derivative is 1/(n-1).",
-        "dbnvar (1, n_hidden) flows back to every example equally: copy it down the rows and scale "
-        "by the local derivative.",
-    ),
-    "bndiff": (
-        "dbndiff has the shape of bndiff, (n, n_hidden). bndiff is used TWICE: in bndiff2 and bnraw.",
-        "Through bndiff2 = bndiff squared the local derivative is 2 * bndiff; through "
-        "bnraw = bndiff * bnvar_inv it is bnvar_inv.",
-        "Multiply each local derivative by its upstream gradient (dbndiff2, dbnraw) and add the two "
-        "branches.",
-    ),
-    "bnmeani": (
-        "dbnmeani has the shape of bnmeani, (1, n_hidden).",
-        "bndiff = hprebn - bnmeani: the local derivative with respect to bnmeani is -1.",
-        _broadcast_sum("bnmeani", "(1, n_hidden)", "the n examples"),
-    ),
-    "hprebn": (
-        "dhprebn has the shape of hprebn, (n, n_hidden). hprebn is used TWICE: in bndiff and in "
-        "bnmeani.",
-        "Through bndiff = hprebn - bnmeani the local derivative is 1; through the mean "
-        "(1/n times a sum over the examples) it is 1/n for every example.",
-        "Add both branches: dbndiff, plus dbnmeani copied down the rows and scaled by 1/n.",
-    ),
-    "embcat": (
-        "dembcat has the shape of embcat, (n, block_size * n_embd) = (n, 30).",
-        "hprebn = embcat @ W1 + b1: every embcat[i, k] multiplies W1[k, j] for every hidden unit j.",
-        "Combine dhprebn with W1 in a matrix product; only one arrangement gives the shape (n, 30).",
-    ),
-    "W1": (
-        "dW1 has the shape of W1, (30, n_hidden).",
-        "hprebn = embcat @ W1 + b1: every W1[k, j] multiplies embcat[i, k] for every example i.",
-        "Combine embcat and dhprebn in a matrix product that sums over the examples; the shapes "
-        "tell you which one to transpose.",
-    ),
-    "b1": (
-        "db1 has the shape of b1, (n_hidden,): one dimension only.",
-        "hprebn = embcat @ W1 + b1: the local derivative with respect to b1 is 1.",
-        _broadcast_sum("b1", "(n_hidden,)", "the n examples")
-        + " Expect tiny numbers: BatchNorm subtracts the mean, so b1 cannot change the loss.",
-    ),
-    "emb": (
-        "demb has the shape of emb, (n, block_size, n_embd) = (n, 3, 10).",
-        "embcat is emb viewed as (n, 30): nothing is computed, the numbers are only rearranged, so "
-        "the local derivative is 1 for each entry.",
-        "Rearrange dembcat back into emb's shape.",
-    ),
-    "C": (
-        "dC has the shape of C, (27, n_embd): one row per character.",
-        "emb = C[Xb]: each emb[i, j] is a copy of the row of C for character Xb[i, j].",
-        "Send each demb[i, j] back to the row of dC for character Xb[i, j]; a character used several "
-        "times accumulates (adds) all its gradients, an unused one gets zero.",
-    ),
-}
-
-FUSED: dict[str, tuple[str, ...]] = {
-    "dlogits": (
-        "dlogits has the shape of logits, (n, 27). Work on paper first: the loss of one example is "
-        "-log(softmax(logits)[y]), and the batch loss is the mean of those.",
-        "Differentiate -log( exp(l_y) / sum_j exp(l_j) ) with respect to one logit l_i. There are two "
-        "cases: i is the correct class y, or it is not.",
-        "Both cases give the softmax probability of class i, with an extra -1 for the correct class. "
-        "The loss is a mean over the n examples. Check: each row of dlogits sums to zero.",
-    ),
-    "dhprebn": (
-        "dhprebn has the shape of hprebn, (n, n_hidden). Start from dhpreact: through bngain you "
-        "get the gradient of bnraw, then go back through the normalisation in one step.",
-        "bnraw_i = (x_i - mean) / sqrt(var + eps), with the variance using 1/(n-1). Every x_i moves "
-        "every bnraw_j, through the mean and the variance: d mean / d x_i = 1/n and "
-        "d var / d x_i = 2 (x_i - mean) / (n-1).",
-        "Summing over j, the result has three terms: the bnraw gradient itself, minus its mean over "
-        "the batch, minus bnraw times the batch mean of (bnraw times its gradient), with Bessel's "
-        "factor n/(n-1); all scaled by bngain * bnvar_inv.",
-    ),
-}
-
-_calls: dict[str, int] = {}
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with Jupyter
+        return False
+    return getattr(get_ipython(), "kernel", None) is not None
 
 
-def _key(name: str) -> str:
-    if name in FUSED or name in STEPWISE:
-        return name
-    if name.startswith("d") and name[1:] in STEPWISE:
-        return name[1:]
-    known = ", ".join(list(model.BACKWARD_ORDER) + list(FUSED))
-    raise UserError(f"No hints for {name!r}: use one of the lecture's names ({known}).")
+_SUBSCRIPT = re.compile(r"(?<![\w])(x̂|[A-Za-zμσΣ])_([0-9]+|[a-z])\b")  # x_i, Σ_j, l_27; not n_hidden
+_SUPERSCRIPT = re.compile(r"\^\(([^()]*)\)|\^([a-z])\b")  # (σ² + ε)^(−1/2), e^l
 
 
-def hint(name: str) -> Hint:
-    """The next hint for gradient ``name`` (``"bnvar"``, ``"dbnvar"``, ``"dlogits"`` ...):
-    shape, then local derivative, then chaining; after the last, the last again."""
-    key = _key(name)
-    steps = FUSED.get(key) or STEPWISE[key]
-    level = _calls.get(key, 0)
-    _calls[key] = level + 1
-    if level >= len(steps):
-        return Hint(f"(No more hints for {name}.) {steps[-1]}")
-    return Hint(f"Hint {level + 1}/{len(steps)} for {name}: {steps[level]}")
+def _maths_html(text: str) -> str:
+    """The plain text's maths typeset: subscripts and superscripts."""
+    text = _SUBSCRIPT.sub(r"\1<sub>\2</sub>", text)
+    return _SUPERSCRIPT.sub(lambda m: f"<sup>{m.group(1) or m.group(2)}</sup>", text)
 
 
-def reset(name: str | None = None) -> None:
-    """Start the hints over (for one gradient, or all)."""
-    if name is None:
-        _calls.clear()
-    else:
-        _calls.pop(_key(name), None)
+def _show(title: str, text: str) -> None:
+    """In a Jupyter kernel a boxed hint (HTML, with the plain text beside it); elsewhere printed."""
+    plain = f"{title}: {text}"
+    if not _in_kernel():
+        print(plain)
+        return
+    from IPython.display import display
+
+    box = ("<div style=\"border-left: 4px solid #e6a23c; background: #fdf6ec; color: #303133; "
+           "padding: 6px 12px; margin: 4px 0; line-height: 1.5; max-width: 60em; white-space: normal\">"
+           f"<b>{html.escape(title)}</b><br>{_maths_html(html.escape(text))}</div>")
+    display({"text/plain": plain, "text/html": box}, raw=True)
