@@ -25,6 +25,7 @@ from __future__ import annotations
 import html
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -61,17 +62,27 @@ def is_test(cell) -> bool:
     return cell.cell_type == "code" and utils.is_grade(cell) and not utils.is_solution(cell)
 
 
-def _source_cells(resources):
-    """The assignment's source cells for this notebook, as nbgrader saved them when it released
-    it (answer cells as released, hidden tests included), by grade id."""
+@dataclass
+class Released:
+    """The notebook as nbgrader saved it when it released it (answer cells as released, hidden
+    tests included), cell by grade id: what RestoreCells restores and what the rules trust."""
+
+    sources: dict[str, str]
+    points: dict[str, float]     # graded cells
+    answers: set[str]            # solution cells
+    locked: dict[str, bool]
+    tasks: set[str]
+
+
+def released(resources) -> Released:
     nbgrader = resources["nbgrader"]
     with Gradebook(nbgrader["db_url"]) as gb:
         nb = gb.find_notebook(nbgrader["notebook"], nbgrader["assignment"])
-        return ({c.name: c.source for c in nb.source_cells},
-                {c.name: c.max_score for c in nb.grade_cells},
-                {c.name for c in nb.solution_cells},
-                {c.name: c.locked for c in nb.source_cells},
-                {c.name for c in nb.task_cells})
+        return Released(sources={c.name: c.source for c in nb.source_cells},
+                        points={c.name: c.max_score for c in nb.grade_cells},
+                        answers={c.name for c in nb.solution_cells},
+                        locked={c.name: c.locked for c in nb.source_cells},
+                        tasks={c.name for c in nb.task_cells})
 
 
 # --------------------------------------------------------------------------- sanitize
@@ -91,15 +102,16 @@ class RestoreCells(OverwriteCells):
     source_dir = Unicode("", help="the assignment's source notebooks (for cell order)").tag(config=True)
 
     def preprocess(self, nb, resources):
-        sources, grades, answers, locked, tasks = _source_cells(resources)
-        self._grades = grades
-        self._flags = {name: {"grade": name in grades, "solution": name in answers, "locked": locked[name],
-                              "task": name in tasks, **({"points": grades[name]} if name in grades else {})}
-                       for name in sources}
+        course = released(resources)
+        self._grades = course.points
+        self._flags = {name: {"grade": name in course.points, "solution": name in course.answers,
+                              "locked": course.locked[name], "task": name in course.tasks,
+                              **({"points": course.points[name]} if name in course.points else {})}
+                       for name in course.sources}
         path = (Path(self.source_dir or Path("source", resources["nbgrader"]["assignment"]))
                 / f"{resources['nbgrader']['notebook']}.ipynb")
-        order = [_grade_id(c) for c in read_notebook(path).cells] if path.exists() else list(sources)
-        self._order = [name for name in order if name in sources]
+        order = [_grade_id(c) for c in read_notebook(path).cells] if path.exists() else list(course.sources)
+        self._order = [name for name in order if name in course.sources]
         return super().preprocess(nb, resources)
 
     def preprocess_cell(self, cell, resources, index):
@@ -177,7 +189,7 @@ class SandboxedExecute(Execute):
         with tempfile.TemporaryDirectory(prefix="backprop-ninja-kernel-", dir=self.scratch or None) as tmp:
             self._box = Box(Path(tmp), self._limits(), self.isolate, env)
             self._session = judge.Session(self._box)
-            self._stopped, self._kept, self._cut = None, 0, set()
+            self._stopped, self._kept, self._cut = None, {}, set()  # bytes kept by cell index
             resources.setdefault(META, {}).update(
                 session=self._session,
                 sandbox="on" if self._box.isolate else f"off: {probe() or 'not asked for'}")
@@ -223,16 +235,15 @@ class SandboxedExecute(Execute):
 
     def output(self, outs, msg, display_id, cell_index):
         size = _size(msg.get("content", {}))
-        room = min(self.output_bytes - sum(_size(o) for o in outs),
-                   self.notebook_output_bytes - self._kept)
-        if size > room:
+        kept = self._kept.get(cell_index, 0)
+        if kept + size > self.output_bytes or sum(self._kept.values()) + size > self.notebook_output_bytes:
             if cell_index not in self._cut:
                 self._cut.add(cell_index)
                 outs.append(NotebookNode(output_type="stream", name="stdout", text=(
                     f"\n[output cut: a cell keeps {self.output_bytes >> 10} KB, a notebook "
                     f"{self.notebook_output_bytes >> 10} KB]\n")))
             return None
-        self._kept += size
+        self._kept[cell_index] = kept + size
         return super().output(outs, msg, display_id, cell_index)
 
 
@@ -280,7 +291,7 @@ class JudgeVerdicts(NbGraderPreprocessor):
     A learner cell that breaks the source rules zeroes every test after it."""
 
     def preprocess(self, nb, resources):
-        found = learner_findings(nb, _source_cells(resources)[0])
+        found = learner_findings(nb, released(resources).sources)
         state = resources.setdefault(META, {})
         session = state.get("session")
         for index, cell in enumerate(nb.cells):
