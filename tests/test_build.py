@@ -32,6 +32,10 @@ def hidden_and_solution_lines(stem: str) -> dict[str, set[str]]:
     return found
 
 
+def code_text(nb) -> str:
+    return "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+
+
 def code_lines(nb) -> set[str]:
     return {line.strip() for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines()}
 
@@ -53,7 +57,7 @@ def test_release_has_no_solution_code_no_hidden_test_and_no_outputs(stem):
     assert not regions["HIDDEN TESTS"] & lines, "a hidden test leaked into the learner notebook"
     text = nbformat.writes(nb)
     assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text
-    assert "raise NotImplementedError()" in text
+    assert "raise NotImplementedError()" in code_text(nb)  # the stub (the first cell names it too)
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None
@@ -66,18 +70,26 @@ def test_solutions_keep_the_solution_but_no_hidden_test(stem):
     lines = code_lines(nb)
     assert regions["SOLUTION"] <= lines
     assert not regions["HIDDEN TESTS"] & lines
-    assert "NotImplementedError" not in nbformat.writes(nb)
+    assert "NotImplementedError" not in code_text(nb)
     executed = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
     assert all(c.execution_count for c in executed), "solutions are stored executed"
     assert not [o for c in executed for o in c.outputs if o.output_type == "error"]
 
 
-@pytest.mark.parametrize("folder", [NOTEBOOKS, SOLUTIONS])
-def test_generated_notebooks_say_so_in_their_first_cell(folder):
-    for path in folder.glob("*.ipynb"):
+def test_solutions_say_they_are_generated_in_their_first_cell():
+    for path in SOLUTIONS.glob("*.ipynb"):
         first = read(path).cells[0]
         assert first.cell_type == "markdown" and "GENERATED" in first.source
         assert f"grader/source/backprop/{path.name}" in first.source
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_learner_notebooks_open_with_the_exercise_not_a_maintainer_note(stem):
+    nb = read(NOTEBOOKS / f"{stem}.ipynb")
+    assert nb.cells[0].source == read(SOURCE / f"{stem}.ipynb").cells[0].source
+    assert nb.cells[0].source.startswith("# Backprop Ninja, exercise")
+    text = nbformat.writes(nb)
+    assert "GENERATED" not in text and "Maintainers" not in text and "do not edit" not in text
 
 
 def test_build_check_is_clean_and_notices_a_hand_edit(tmp_path, monkeypatch):
