@@ -30,9 +30,18 @@ data: $(VENV)/.installed
 # JupyterLab refuses to run as root unless told; containers and CI machines often are root.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 LAB_ARGS ?=
+# The folder `make lab` serves (the browser test serves a scratch copy).
+LAB_ROOT ?= notebooks
+
+# The learner's lab (backprop_ninja/lab/README.md): nbgrader's lab extension (its labconfig/) and
+# server extensions (the flags) are off: no instructor tools, no Validate button; grade_me(), the
+# last cell of each notebook, grades with the hidden tests. `cd grader && jupyter lab` keeps them.
+NBGRADER_SERVER_OFF := $(foreach e,formgrader validate_assignment assignment_list course_list,\
+	--ServerApp.jpserver_extensions=nbgrader.server_extensions.$(e)=False)
 
 lab: data
-	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(ALLOW_ROOT) $(LAB_ARGS)
+	JUPYTER_CONFIG_PATH="$(CURDIR)/backprop_ninja/lab$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+		$(BIN)/jupyter lab --ServerApp.root_dir=$(LAB_ROOT) $(NBGRADER_SERVER_OFF) $(ALLOW_ROOT) $(LAB_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check backprop_ninja tests benchmarks conftest.py

@@ -78,22 +78,66 @@ def heatmap_figure(d: Diagnosis) -> Figure:
     return fig
 
 
-class ReportWidget(W.VBox):
-    """A coloured row per gradient (backward order), the hint for the first wrong one, and the
-    heatmaps of the selected row. ``select(name)`` is what clicking a row does."""
+def graded_line_by_line(report: Report) -> int:
+    """The gradients the grader gives a point: it judges each line from the learner's own
+    upstream gradients, so one wrong gradient is charged once and the "inherited" ones after it
+    (right lines fed a wrong upstream) earn their point."""
+    return sum(d.ok or d.status == "inherited" for d in report.rows)
 
-    def __init__(self, report: Report, **kwargs):
+
+def verdict(report: Report) -> list[str]:
+    """The report's verdict, said once: the count (and, for a gradient per line, what the grader
+    would give and why it can differ), then which gradient to fix first and the hint."""
+    n, total = sum(d.ok for d in report.rows), len(report.rows)
+    if total > 1:
+        graded = graded_line_by_line(report)
+        count = (f"{n}/{total} gradients correct here; the grader, judging line by line, "
+                 f"would give {graded}/{total}.")
+        if graded > n:
+            count += (f" The {graded - n} inherited (amber) ones are wrong only because an earlier "
+                      "gradient is: their own lines are right.")
+    else:
+        count = f"{n}/{total} gradients correct."
+    first = report.first_wrong
+    return [count] + ([f"Fix d{variable_name(first)} first: {report.hint}"] if first else [])
+
+
+def _verdict_html(report: Report) -> str:
+    head, *fix = verdict(report)
+    return _wrapping(f"<b>{_escape(head)}</b>" + "".join(f"<br>{_escape(line)}" for line in fix))
+
+
+def _frame(report: Report) -> str:
+    return STATUS_COLOURS["wrong"] if report.first_wrong else STATUS_COLOURS["exact"]
+
+
+class Verdict:
+    """The verdict as an output of its own: HTML in Jupyter and in the HTML feedback (where a
+    widget does not render), the same lines in plain outputs."""
+
+    def __init__(self, report: Report):
         self.report = report
+
+    def _repr_mimebundle_(self, **kwargs):
+        return {"text/plain": "\n".join(verdict(self.report)),
+                "text/html": f"<div class='backprop-ninja-verdict' style='padding:4px 8px;margin:0 0 6px 0;"
+                             f"border:2px solid {_frame(self.report)}'>{_verdict_html(self.report)}</div>"}
+
+
+class ReportWidget(W.VBox):
+    """The verdict (unless ``show_verdict=False``: ``show_report`` shows it as its own output),
+    a coloured row per gradient (backward order) and the heatmaps of the selected row.
+    ``select(name)`` is what clicking a row does."""
+
+    def __init__(self, report: Report, show_verdict: bool = True, **kwargs):
+        self.report = report
+        self.show_verdict = show_verdict
         self.selected: str | None = None
         self.figure: Figure | None = None
-        n_ok = sum(d.ok for d in report.rows)
         first = report.first_wrong
-        head = (f"<b>{n_ok}/{len(report.rows)} gradients correct.</b>" if first is None else
-                f"<b>{n_ok}/{len(report.rows)} gradients correct. Fix d{variable_name(first)} first:</b> "
-                f"{_escape(report.hint)}")
-        frame = STATUS_COLOURS["wrong"] if first else STATUS_COLOURS["exact"]
-        self.summary = W.HTML(head, layout=W.Layout(padding="4px 8px", margin="0 0 6px 0",
-                                                    border=f"2px solid {frame}"))
+        self.summary = W.HTML(_verdict_html(report), layout=W.Layout(
+            padding="4px 8px", margin="0 0 6px 0", border=f"2px solid {_frame(report)}"))
+        self.summary.add_class("backprop-ninja-verdict")
         self.buttons: dict[str, W.Button] = {}
         rows = []
         for d in report.rows:
@@ -103,16 +147,20 @@ class ReportWidget(W.VBox):
             b.style.text_color = "white" if d.status in ("exact", "wrong", "not finite") else "black"
             b.on_click(lambda _b, name=d.name: self.select(name))
             self.buttons[d.name] = b
-            row = W.HBox([b, W.HTML(_row_html(d), layout=W.Layout(min_width="360px"))],
-                         layout=W.Layout(height="28px"))
+            # The text wraps under its button rather than being cut off.
+            text = W.HTML(_row_html(d), layout=W.Layout(flex="1 1 auto", min_width="0", width="auto"))
+            row = W.HBox([b, text], layout=W.Layout(min_height="28px", height="auto",
+                                                    align_items="center"))
             row.add_class("backprop-ninja-row")
             rows.append(row)
-        self.table = W.VBox(rows, layout=W.Layout(min_width="540px"))
+        self.table = W.VBox(rows, layout=W.Layout(width="560px", min_width="420px", flex="0 1 560px"))
         self.caption = W.HTML("")
         self.caption.add_class("backprop-ninja-caption")
         self.detail = W.Output(layout=W.Layout(min_height="240px"))
-        right = W.VBox([self.caption, self.detail], layout=W.Layout(max_width="640px"))
-        super().__init__([self.summary, W.HBox([self.table, right])], **kwargs)
+        right = W.VBox([self.caption, self.detail],
+                       layout=W.Layout(min_width="320px", max_width="640px", flex="1 1 320px"))
+        body = W.HBox([self.table, right], layout=W.Layout(flex_flow="row wrap"))
+        super().__init__([self.summary, body] if show_verdict else [body], **kwargs)
         self.add_class("backprop-ninja-report")
         start = first or (report.rows[0].name if report.rows else None)
         if start is not None:
@@ -125,10 +173,12 @@ class ReportWidget(W.VBox):
         for n, b in self.buttons.items():
             b.layout.border = "3px solid #212121" if n == d.name else ""
         self.figure = heatmap_figure(d)
+        # The first wrong gradient's hint is already in the verdict above: not said twice.
+        hint = d.hint if d.hint and d.name != self.report.first_wrong else ""
         text = (f"<b>d{variable_name(d.name)}</b>: {d.status}"
                 + (f", {_escape(d.mistake)}" if d.mistake else "")
-                + (f"<br>{_escape(d.hint)}" if d.hint else ""))
-        self.caption.value = text
+                + (f"<br>{_escape(hint)}" if hint else ""))
+        self.caption.value = _wrapping(text)
         png = base64.b64encode(_png(self.figure)).decode("ascii")
         # Set the Output's state directly: works in a kernel, in tests, and without capture.
         self.detail.outputs = ({"output_type": "display_data", "metadata": {},
@@ -140,12 +190,22 @@ class ReportWidget(W.VBox):
         # the widget's repr.
         data = super()._repr_mimebundle_(**kwargs)
         if data is not None:
-            data["text/plain"] = self.report.text()
+            data["text/plain"] = report_text(self.report, with_verdict=self.show_verdict)
         return data
+
+
+def report_text(report: Report, with_verdict: bool = True) -> str:
+    """The report as plain text: a line per gradient, then the verdict."""
+    return "\n".join([d.line() for d in report.rows] + (verdict(report) if with_verdict else []))
 
 
 def _escape(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _wrapping(html: str) -> str:
+    """Inline HTML that wraps (widgets' HTML keeps a single-line height otherwise)."""
+    return f"<div style='white-space:normal;overflow-wrap:anywhere;line-height:1.35'>{html}</div>"
 
 
 def _row_html(d: Diagnosis) -> str:
@@ -153,13 +213,15 @@ def _row_html(d: Diagnosis) -> str:
     diff = "" if d.max_abs_diff != d.max_abs_diff else f"maxdiff {d.max_abs_diff:.1e}"
     label = d.mistake.replace("inherited ", "") if d.status == "inherited" and d.mistake else d.mistake
     mistake = f" &middot; {_escape(label)}" if label else ""
-    return (f"<span style='font-family:monospace;color:{colour};font-weight:bold'>{d.status:11s}</span>"
-            f"<span style='font-family:monospace;color:#424242'> {diff}{mistake}</span>")
+    return _wrapping(
+        f"<span style='font-family:monospace;color:{colour};font-weight:bold;display:inline-block;"
+        f"min-width:11.5ch'>{d.status}</span>"
+        f"<span style='font-family:monospace;color:#424242'> {diff}{mistake}</span>")
 
 
-def report_widget(report: Report) -> ReportWidget:
+def report_widget(report: Report, show_verdict: bool = True) -> ReportWidget:
     """The interactive report (see ``ReportWidget``)."""
-    return ReportWidget(report)
+    return ReportWidget(report, show_verdict=show_verdict)
 
 
 def _in_notebook() -> bool:
@@ -172,17 +234,18 @@ def _in_notebook() -> bool:
 
 
 def show_report(grads: dict, tensors: dict, ref: dict, order=model.BACKWARD_ORDER) -> Report:
-    """Diagnose ``grads`` and show the report. In Jupyter: the summary printed (so plain outputs,
-    nbval and feedback read it) and the widget (whose plain-text form is the whole table);
-    anywhere else the table is printed. Returns the ``Report``."""
+    """Diagnose ``grads`` and show the report. In Jupyter: the verdict, once, as an output of its
+    own (so the HTML feedback, nbval and plain outputs read it too), then the widget (whose
+    plain-text form is the table); anywhere else the table and the verdict printed. Returns the
+    ``Report``."""
     report = diagnose(grads, tensors, ref, order=order)
     if _in_notebook():
         from IPython.display import display
 
-        print(report.summary())
-        display(report_widget(report))
+        display(Verdict(report))
+        display(report_widget(report, show_verdict=False))
     else:
-        print(report.text())
+        print(report_text(report))
     return report
 
 

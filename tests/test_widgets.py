@@ -1,5 +1,5 @@
-"""What the learner looks at: the report widget, the graph, dlogits, Bessel's demo and hints,
-checked without a browser (build the widget, click a row, look at what it shows)."""
+"""What the learner looks at: the report widget, the graph, dlogits and Bessel's demo, checked
+without a browser (build the widget, click a row, look at what it shows). Hints: test_hints.py."""
 
 import base64
 
@@ -8,7 +8,7 @@ import torch
 from matplotlib.colors import to_hex
 from test_diagnosis import fresh, stepwise
 
-from backprop_ninja import UserError, hints, model, widgets
+from backprop_ninja import model, widgets
 from backprop_ninja.check import diagnose
 
 
@@ -19,6 +19,16 @@ def broken():
     g = stepwise(tensors)
     g["W2"] = -g["W2"]
     g["bnvar"] = g["bnvar"].view(-1)
+    return diagnose(g, tensors, ref)
+
+
+@pytest.fixture(scope="module")
+def inherited():
+    """A learner whose dh is doubled and whose dhpreact follows correctly from it ("inherited")."""
+    tensors, ref = fresh(111, torch.float64, n=12, n_hidden=20)
+    g = stepwise(tensors)
+    g["h"] = g["h"] * 2
+    g["hpreact"] = (1.0 - tensors["h"] ** 2) * g["h"]
     return diagnose(g, tensors, ref)
 
 
@@ -57,18 +67,59 @@ def test_clicking_a_row_shows_learner_autograd_and_difference(broken):
     assert not w.buttons["W2"].layout.border
 
 
-def test_plain_text_form_of_the_widget_is_the_report_table(broken):
+def test_plain_text_form_of_the_widget_is_the_report_table_and_its_verdict(broken):
     w = widgets.report_widget(broken)
     bundle = w._repr_mimebundle_()
-    assert bundle["text/plain"] == broken.text()
+    table = "\n".join(d.line() for d in broken.rows)
+    assert bundle["text/plain"] == table + "\n" + "\n".join(widgets.verdict(broken))
     assert "application/vnd.jupyter.widget-view+json" in bundle
+
+
+def test_the_verdict_is_said_once_with_the_count_the_grader_would_give(inherited):
+    w = widgets.report_widget(inherited)
+    assert inherited["hpreact"].status == "inherited" and inherited.first_wrong == "h"
+    assert widgets.graded_line_by_line(inherited) == 25  # dh loses its point, dhpreact keeps it
+    head, fix = widgets.verdict(inherited)
+    assert head.startswith("24/26 gradients correct here; the grader, judging line by line, "
+                           "would give 25/26.")
+    assert "1 inherited (amber)" in head and fix.startswith("Fix dh first: ")
+    assert w.summary.value.count("gradients correct") == 1 and "would give 25/26" in w.summary.value
+    # the first wrong gradient's hint is in the verdict, not repeated under the heatmaps
+    assert w.selected == "h" and inherited.hint not in w.caption.value
+    w.select("hpreact")
+    assert "inherited" in w.caption.value and inherited["hpreact"].hint[:40] in w.caption.value
+    assert w.buttons["hpreact"].style.button_color == widgets.STATUS_COLOURS["inherited"] == "#ffb300"
+    assert widgets.STATUS_COLOURS["missing"] == "#9e9e9e"  # grey
+
+
+def test_all_right_the_grader_agrees_and_one_gradient_has_no_grader_count():
+    tensors, ref = fresh(8)
+    report = diagnose(dict(ref), tensors, ref)
+    assert widgets.verdict(report) == ["26/26 gradients correct here; the grader, judging line by line, "
+                                       "would give 26/26."]
+    one = diagnose({"logits": ref["logits"]}, tensors, ref, order=("logits",))
+    assert widgets.verdict(one) == ["1/1 gradients correct."]  # exercises 2 and 3 score per test
+
+
+def test_rows_wrap_instead_of_cutting_their_text_off():
+    tensors, ref = fresh(9)
+    from backprop_ninja.check import branches
+
+    g = dict(ref, counts=branches(tensors, ref)["counts"]["probs"])  # the counts_sum branch left out
+    w = widgets.report_widget(diagnose(g, tensors, ref))
+    row = next(r for r in w.table.children if r.children[0].description == "counts")
+    button, text = row.children
+    assert "missing branch through counts_sum" in text.value
+    assert "white-space:normal" in text.value  # wraps (the widget's HTML is single-line otherwise)
+    assert row.layout.height == "auto" and text.layout.min_width == "0"
 
 
 def test_show_report_outside_jupyter_prints_the_table(capsys):
     tensors, ref = fresh(8)
     report = widgets.show_report(dict(ref), tensors, ref)
     assert report.first_wrong is None
-    assert capsys.readouterr().out.strip().endswith("26/26 gradients correct.")
+    assert capsys.readouterr().out.strip().endswith("26/26 gradients correct here; the grader, judging "
+                                                    "line by line, would give 26/26.")
 
 
 def test_graph_colours_each_node_by_its_gradient_status(broken):
@@ -105,34 +156,7 @@ def test_bessel_demo_slider_shows_the_biased_estimate_falling_short():
     assert again.curves[1] == biased
 
 
-def test_progressive_hints_advance_and_never_show_code():
-    hints.reset()
-    first, second, third, fourth = (hints.hint("bnvar") for _ in range(4))
-    assert first.startswith("Hint 1/3") and "(1, n_hidden)" in first
-    assert second.startswith("Hint 2/3") and "power rule" in second
-    assert third.startswith("Hint 3/3") and "dbnvar_inv" in third
-    assert "No more hints" in fourth
-    assert "No more hints" in hints.hint("dbnvar")  # dbnvar and bnvar are the same gradient
-    hints.reset("bnvar")
-    assert hints.hint("dbnvar").startswith("Hint 1/3")
-    assert repr(hints.hint("dlogits")).startswith("Hint 1/3 for dlogits")
-
-
-def test_every_gradient_has_three_hints_without_code():
-    hints.reset()
-    for name in (*model.BACKWARD_ORDER, "dlogits", "dhprebn"):
-        texts = [hints.hint(name) for _ in range(3)]
-        assert [t.split(":")[0] for t in texts] == [f"Hint {k}/3 for {name}" for k in (1, 2, 3)]
-        for t in texts:
-            assert "torch" not in t and "(0, keepdim" not in t and ".sum(" not in t and "==" not in t
-
-
-def test_an_unknown_hint_name_is_one_clear_sentence():
-    with pytest.raises(UserError, match="No hints for 'dfoo'"):
-        hints.hint("dfoo")
-
-
-def test_show_report_in_jupyter_prints_the_summary_and_displays_the_widget(monkeypatch, capsys):
+def test_show_report_in_jupyter_shows_the_verdict_once_then_the_widget(monkeypatch, capsys):
     import IPython.display
 
     shown = []
@@ -141,7 +165,16 @@ def test_show_report_in_jupyter_prints_the_summary_and_displays_the_widget(monke
     tensors, ref = fresh(10)
     grads = dict(ref, b2=-ref["b2"])
     report = widgets.show_report(grads, tensors, ref)
-    (w,) = shown
+    verdict, w = shown
+    assert capsys.readouterr().out == ""
+    # the verdict as its own output: HTML (JupyterLab and the HTML feedback, where a widget does
+    # not render) and text (nbval, plain outputs) ...
+    bundle = verdict._repr_mimebundle_()
+    assert bundle["text/plain"].startswith("25/26 gradients correct here; the grader, judging line by line, "
+                                           "would give 25/26.\nFix db2 first: db2 has the opposite sign")
+    assert "Fix db2 first:" in bundle["text/html"] and "backprop-ninja-verdict" in bundle["text/html"]
+    # ... and not again in the widget: rows and heatmaps only
     assert isinstance(w, widgets.ReportWidget) and w.report is report and w.selected == "b2"
-    out = capsys.readouterr().out
-    assert out.startswith("25/26 gradients correct.\nFix db2 first: db2 has the opposite sign")
+    assert w.summary not in w.children
+    plain = w._repr_mimebundle_()["text/plain"]
+    assert plain == "\n".join(d.line() for d in report.rows) and "gradients correct" not in plain

@@ -377,6 +377,7 @@ SUMMARY_CSS = """
 .bn-feedback-summary li { margin: 0.3em 0; }
 .bn-feedback-summary pre { white-space: pre-wrap; word-break: break-word; margin: 0.2em 0; }
 div.output_area pre, div.output_text pre { white-space: pre-wrap; word-break: break-word; }
+div.output_area img { max-width: 100%; height: auto; }
 """
 
 
