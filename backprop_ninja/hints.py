@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from backprop_ninja import UserError, check, model
+from backprop_ninja import UserError, check, in_notebook, model
 
 # ----------------------------------------------------------------------------------------
 # The table's shape: exercise -> {variable: Gradient}; a Gradient is its hints in order, and
@@ -148,6 +148,43 @@ def _broadcast(var: str, what: str, aside: str = "") -> str:
             f"back: add them up over the {what}")
 
 
+def _linear_layer(x: str, W: str, b: str, out: str, x_shape: str, W_shape: str, out_shape: str, unit: str,
+                  x_note: str = ".", b_note: str = "") -> tuple[Gradient, Gradient, Gradient]:
+    """The three gradients of ``out = x @ W + b`` (the lecture's two linear layers)."""
+    line = f"{out} is {x} times {W} (a matrix product) plus {b}"
+    b_shape = f"({W_shape.rstrip(')').split(', ')[1]},)"  # b is one row of W's width: (27,), (n_hidden,)
+    return (
+        Gradient(x, x_shape, (
+            _shape(x, x_shape, x_note),
+            Step(f"{line}: {x}[i, k] multiplies {W}[k, j] in {out}[i, j] for every {unit} j, so "
+                 f"d{x}[i, k] is the sum over j of d{out}[i, j] times {W}[k, j].",
+                 (Check(says=lambda t, d: torch.einsum("ij,kj->ik", d[out], t[W]),
+                        equals=lambda t, d: d.line(x, out)),)),
+            Step(f"That sum over j is a matrix product of d{out} {out_shape} and {W} {W_shape}: only one "
+                 f"arrangement (which one is transposed, and on which side) gives the shape {x_shape}.",
+                 (_gradient(lambda t, d: d[out] @ t[W].T),)),
+        )),
+        Gradient(W, W_shape, (
+            _shape(W, W_shape, "."),
+            Step(f"{line}: {W}[k, j] multiplies {x}[i, k] in {out}[i, j] for every example i, so d{W}[k, j] "
+                 f"is the sum over the examples i of {x}[i, k] times d{out}[i, j].",
+                 (_gradient(lambda t, d: torch.einsum("ik,ij->kj", t[x], d[out])),)),
+            Step(f"That sum over the examples is a matrix product of {x} {x_shape} and d{out} {out_shape}: "
+                 f"the shapes tell you which one to transpose to get {W_shape}.",
+                 (_gradient(lambda t, d: t[x].T @ d[out]),)),
+        )),
+        Gradient(b, b_shape, (
+            _shape(b, b_shape, f": one dimension only, like {b}."),
+            Step(f"{line}, with {b} broadcast over the n examples (added to every row): the local "
+                 f"derivative with respect to {b} is 1.",
+                 (_local(b, out, _ones(out)),)),
+            Step(_broadcast(b, "n examples", f" (the rows of d{out})")
+                 + f". The result has {b}'s shape, {b_shape}, with no kept dimension.{b_note}",
+                 (_gradient(lambda t, d: d[out].sum(0)),)),
+        )),
+    )
+
+
 def _one_hot(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """1 where ``index`` points along ``like``'s last dimension, in ``like``'s dtype."""
     return F.one_hot(index, like.shape[-1]).to(like.dtype)
@@ -170,10 +207,8 @@ def _scatter_loop(t: Forward, demb: torch.Tensor) -> torch.Tensor:
 # Exercise 1: the 26 lines, one by one.
 # ----------------------------------------------------------------------------------------
 
-_LINEAR2 = "logits is h times W2 (a matrix product) plus b2"
 _SCALE_SHIFT = ("hpreact is bngain times bnraw plus bnbias, with the rows bngain and bnbias broadcast "
                 "over the n examples")
-_LINEAR1 = "hprebn is embcat times W1 (a matrix product) plus b1"
 
 _C_LOCAL = Step(
     "emb is C indexed by Xb: emb[i, j] is a copy of the row of C for character Xb[i, j]. So emb[i, j] "
@@ -270,34 +305,7 @@ STEPWISE: dict[str, Gradient] = {g.var: g for g in (
              (_gradient(lambda t, d: d.norm_logits
                         + _one_hot(t.logits.argmax(1), t.logits) * d.logit_maxes),)),
     )),
-    Gradient("h", "(n, n_hidden)", (
-        _shape("h", "(n, n_hidden)", "."),
-        Step(_LINEAR2 + ": h[i, k] multiplies W2[k, j] in logits[i, j] for every output j, so dh[i, k] is "
-             "the sum over j of dlogits[i, j] times W2[k, j].",
-             (Check(says=lambda t, d: torch.einsum("ij,kj->ik", d.logits, t.W2),
-                    equals=lambda t, d: d.line("h", "logits")),)),
-        Step("That sum over j is a matrix product of dlogits (n, 27) and W2 (n_hidden, 27): only one "
-             "arrangement (which one is transposed, and on which side) gives the shape (n, n_hidden).",
-             (_gradient(lambda t, d: d.logits @ t.W2.T),)),
-    )),
-    Gradient("W2", "(n_hidden, 27)", (
-        _shape("W2", "(n_hidden, 27)", "."),
-        Step(_LINEAR2 + ": W2[k, j] multiplies h[i, k] in logits[i, j] for every example i, so dW2[k, j] "
-             "is the sum over the examples i of h[i, k] times dlogits[i, j].",
-             (_gradient(lambda t, d: torch.einsum("ik,ij->kj", t.h, d.logits)),)),
-        Step("That sum over the examples is a matrix product of h (n, n_hidden) and dlogits (n, 27): the "
-             "shapes tell you which one to transpose to get (n_hidden, 27).",
-             (_gradient(lambda t, d: t.h.T @ d.logits),)),
-    )),
-    Gradient("b2", "(27,)", (
-        _shape("b2", "(27,)", ": one dimension only, like b2."),
-        Step(_LINEAR2 + ", with b2 broadcast over the n examples (added to every row): the local "
-             "derivative with respect to b2 is 1.",
-             (_local("b2", "logits", _ones("logits")),)),
-        Step(_broadcast("b2", "n examples", " (the rows of dlogits)")
-             + ". The result has b2's shape, (27,), with no kept dimension.",
-             (_gradient(lambda t, d: d.logits.sum(0)),)),
-    )),
+    *_linear_layer("h", "W2", "b2", "logits", "(n, n_hidden)", "(n_hidden, 27)", "(n, 27)", "output"),
     Gradient("hpreact", "(n, n_hidden)", (
         _shape("hpreact", "(n, n_hidden)", "."),
         Step("h is tanh of hpreact, entry by entry, and the derivative of tanh x is 1 − tanh² x. Since tanh "
@@ -388,36 +396,12 @@ STEPWISE: dict[str, Gradient] = {g.var: g for g in (
         Step("Add both branches: dbndiff, plus dbnmeani copied down the n rows and multiplied by 1/n.",
              (_gradient(lambda t, d: d.bndiff + d.bnmeani.expand_as(t.hprebn) / t.n),)),
     )),
-    Gradient("embcat", "(n, 30)", (
-        _shape("embcat", "(n, 30)", ": 30 is block_size times n_embd, the three context characters' "
-               "embeddings side by side."),
-        Step(_LINEAR1 + ": embcat[i, k] multiplies W1[k, j] in hprebn[i, j] for every hidden unit j, so "
-             "dembcat[i, k] is the sum over j of dhprebn[i, j] times W1[k, j].",
-             (Check(says=lambda t, d: torch.einsum("ij,kj->ik", d.hprebn, t.W1),
-                    equals=lambda t, d: d.line("embcat", "hprebn")),)),
-        Step("That sum over j is a matrix product of dhprebn (n, n_hidden) and W1 (30, n_hidden): only one "
-             "arrangement gives the shape (n, 30).",
-             (_gradient(lambda t, d: d.hprebn @ t.W1.T),)),
-    )),
-    Gradient("W1", "(30, n_hidden)", (
-        _shape("W1", "(30, n_hidden)", "."),
-        Step(_LINEAR1 + ": W1[k, j] multiplies embcat[i, k] in hprebn[i, j] for every example i, so "
-             "dW1[k, j] is the sum over the examples i of embcat[i, k] times dhprebn[i, j].",
-             (_gradient(lambda t, d: torch.einsum("ik,ij->kj", t.embcat, d.hprebn)),)),
-        Step("That sum over the examples is a matrix product of embcat (n, 30) and dhprebn (n, n_hidden): "
-             "the shapes tell you which one to transpose to get (30, n_hidden).",
-             (_gradient(lambda t, d: t.embcat.T @ d.hprebn),)),
-    )),
-    Gradient("b1", "(n_hidden,)", (
-        _shape("b1", "(n_hidden,)", ": one dimension only, like b1."),
-        Step(_LINEAR1 + ", with b1 broadcast over the n examples (added to every row): the local "
-             "derivative with respect to b1 is 1.",
-             (_local("b1", "hprebn", _ones("hprebn")),)),
-        Step(_broadcast("b1", "n examples", " (the rows of dhprebn)")
-             + ". The result has b1's shape, (n_hidden,), with no kept dimension. Expect numbers near "
-             "zero: BatchNorm subtracts the batch mean, so b1 cannot change the loss.",
-             (_gradient(lambda t, d: d.hprebn.sum(0)),)),
-    )),
+    *_linear_layer("embcat", "W1", "b1", "hprebn", "(n, 30)", "(30, n_hidden)", "(n, n_hidden)",
+                   "hidden unit",
+                   x_note=": 30 is block_size times n_embd, the three context characters' embeddings side "
+                   "by side.",
+                   b_note=" Expect numbers near zero: BatchNorm subtracts the batch mean, so b1 cannot "
+                   "change the loss."),
     Gradient("emb", "(n, 3, 10)", (
         _shape("emb", "(n, 3, 10)", ": (n, block_size, n_embd), one 10-number embedding per example and "
                "context position."),
@@ -627,14 +611,6 @@ def _join(items: list[str], word: str) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {word} {items[-1]}"
 
 
-def _in_kernel() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover - IPython comes with Jupyter
-        return False
-    return getattr(get_ipython(), "kernel", None) is not None
-
-
 _SUBSCRIPT = re.compile(r"(?<![\w])(x̂|[A-Za-zμσΣ])_([0-9]+|[a-z])\b")  # x_i, Σ_j, l_27; not n_hidden
 _SUPERSCRIPT = re.compile(r"\^\(([^()]*)\)|\^([a-z])\b")  # (σ² + ε)^(−1/2), e^l
 
@@ -648,7 +624,7 @@ def _maths_html(text: str) -> str:
 def _show(title: str, text: str) -> None:
     """In a Jupyter kernel a boxed hint (HTML, with the plain text beside it); elsewhere printed."""
     plain = f"{title}: {text}"
-    if not _in_kernel():
+    if not in_notebook():
         print(plain)
         return
     from IPython.display import display

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from backprop_ninja import UserError
+from backprop_ninja import UserError, in_notebook
 from backprop_ninja.handin import HANDIN_ENV
 
 HOW_TO_GRADE = ("grade_me() grades this notebook when you run it in JupyterLab; "
@@ -38,20 +38,11 @@ def session_notebook() -> Path | None:
     if os.environ.get("NBGRADER_EXECUTION") or os.environ.get(HANDIN_ENV):
         return None
     name = os.environ.get("JPY_SESSION_NAME", "")
-    if not name.endswith(".ipynb") or not _in_kernel():
+    if not name.endswith(".ipynb") or not in_notebook():
         return None
     path = Path(name)
     # jupyter_server gives the absolute path; a relative one is the kernel's cwd's notebook
     return path if path.is_absolute() else Path.cwd() / path.name
-
-
-def _in_kernel() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover - IPython comes with ipykernel
-        return False
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def grade_me() -> None:

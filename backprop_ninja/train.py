@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from backprop_ninja import UserError
+from backprop_ninja import UserError, in_notebook
 from backprop_ninja.model import BN_EPS, LECTURE_SEED, PARAM_NAMES, Config, init_params
 
 N_HIDDEN = 200
@@ -325,12 +325,6 @@ def sample(result: TrainResult, n: int = 20, seed: int = LECTURE_SEED + 10) -> l
 
 
 # --------------------------------------------------------------------------- progress and live plot
-
-
-def in_notebook() -> bool:
-    """True inside a Jupyter kernel (also when nbclient/nbval/nbgrader executes the notebook)."""
-    shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
-    return bool(shell) and hasattr(shell, "kernel")
 
 
 class LivePlot:

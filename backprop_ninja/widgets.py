@@ -13,7 +13,7 @@ import ipywidgets as W
 import torch
 from matplotlib.figure import Figure
 
-from backprop_ninja import model
+from backprop_ninja import in_notebook, model
 from backprop_ninja.check import Diagnosis, Report, diagnose, variable_name
 
 STATUS_COLOURS = {
@@ -224,22 +224,13 @@ def report_widget(report: Report, show_verdict: bool = True) -> ReportWidget:
     return ReportWidget(report, show_verdict=show_verdict)
 
 
-def _in_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover - IPython comes with ipywidgets
-        return False
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
-
-
 def show_report(grads: dict, tensors: dict, ref: dict, order=model.BACKWARD_ORDER) -> Report:
     """Diagnose ``grads`` and show the report. In Jupyter: the verdict, once, as an output of its
     own (so the HTML feedback, nbval and plain outputs read it too), then the widget (whose
     plain-text form is the table); anywhere else the table and the verdict printed. Returns the
     ``Report``."""
     report = diagnose(grads, tensors, ref, order=order)
-    if _in_notebook():
+    if in_notebook():
         from IPython.display import display
 
         display(Verdict(report))

@@ -12,18 +12,13 @@ from backprop_ninja.check import diagnose, diagnose_one
 
 
 def fresh(seed, dtype=torch.float32, n=32, n_hidden=64, logit_scale=1.0):
-    """Fresh parameters and batch: (tensors, ref) as the hidden tests make them (``logit_scale``:
-    W2 scaled up, for logits large enough that the chunked forward's exp underflows)."""
-    p = model.init_params(model.Config(n_hidden=n_hidden), seed=seed, dtype=dtype)
-    p["W2"] = p["W2"] * logit_scale
-    g = torch.Generator().manual_seed(seed + 1000)
-    Xb = torch.randint(0, 27, (n, 3), generator=g)
-    Yb = torch.randint(0, 27, (n,), generator=g)
-    return model.autograd_reference(p, Xb, Yb)
+    """(tensors, ref) on inputs drawn from ``seed``, as the grader makes them (float32 by default)."""
+    return model.fresh_inputs(seed, n, n_hidden, dtype, logit_scale)
 
 
-def stepwise(t, dC="loop", fused_logits=False, fused_bn=False):
-    """The lecture's exercise 1, line by line (with the alternatives a learner may choose)."""
+def stepwise(t, dC="loop", fused_logits=False, fused_bn=False, lecture=False):
+    """The lecture's exercise 1, line by line (with the alternatives a learner may choose; with
+    ``lecture``, its dbnmeani as the lecture wrote it, without keepdim, reshaped afterwards)."""
     n = t["Xb"].shape[0]
     d = {}
     d["logprobs"] = torch.zeros_like(t["logprobs"])
@@ -54,8 +49,9 @@ def stepwise(t, dC="loop", fused_logits=False, fused_bn=False):
     d["bndiff2"] = (1.0 / (n - 1)) * torch.ones_like(t["bndiff2"]) * d["bnvar"]
     d["bndiff"] += (2 * t["bndiff"]) * d["bndiff2"]
     d["hprebn"] = d["bndiff"].clone()
-    d["bnmeani"] = (-d["bndiff"]).sum(0, keepdim=True)
-    d["hprebn"] += 1.0 / n * torch.ones_like(t["hprebn"]) * d["bnmeani"]
+    d["bnmeani"] = (-d["bndiff"]).sum(0, keepdim=not lecture)
+    d["hprebn"] += 1.0 / n * (torch.ones_like(t["hprebn"]) * d["bnmeani"])
+    d["bnmeani"] = d["bnmeani"].view(1, -1)
     if fused_bn:
         bnvar_inv, bnraw, dh = t["bnvar_inv"], t["bnraw"], d["hpreact"]
         d["hprebn"] = t["bngain"] * bnvar_inv / n * (

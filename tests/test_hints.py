@@ -12,13 +12,8 @@ from backprop_ninja.hints import EXERCISES, Check, Hints
 
 
 def fresh(seed, n, n_hidden, dtype=torch.float64, logit_scale=1.0):
-    """(tensors, grads) as the hidden tests make them: fresh parameters and batch, autograd's gradients."""
-    p = model.init_params(model.Config(n_hidden=n_hidden), seed=seed, dtype=dtype)
-    p["W2"] = p["W2"] * logit_scale
-    g = torch.Generator().manual_seed(seed + 1000)
-    Xb = torch.randint(0, 27, (n, 3), generator=g)
-    Yb = torch.randint(0, 27, (n,), generator=g)
-    return model.autograd_reference(p, Xb, Yb)
+    """(tensors, grads) as the grader makes them: fresh parameters and batch, autograd's gradients."""
+    return model.fresh_inputs(seed, n, n_hidden, dtype, logit_scale)
 
 
 # batch sizes 2..64 (2: BatchNorm's gradients are a millionth of their terms), widths 16..200
@@ -184,7 +179,7 @@ def test_in_a_kernel_every_call_is_displayed_as_html_with_its_plain_text(monkeyp
     import IPython.display
 
     displayed = []
-    monkeypatch.setattr(hints, "_in_kernel", lambda: True)
+    monkeypatch.setattr(hints, "in_notebook", lambda: True)
     monkeypatch.setattr(IPython.display, "display", lambda data, raw: displayed.append((data, raw)))
     hint = Hints(exercise=3)
     hint("dhprebn")

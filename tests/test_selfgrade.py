@@ -42,7 +42,7 @@ def in_lab(tmp_path, monkeypatch):
     for var in ("NBGRADER_EXECUTION", HANDIN_ENV):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("JPY_SESSION_NAME", str(notebook))
-    monkeypatch.setattr(selfgrade, "_in_kernel", lambda: True)
+    monkeypatch.setattr(selfgrade, "in_notebook", lambda: True)
     shown = []
 
     def display(obj, display_id=False):
@@ -199,7 +199,7 @@ def test_the_grader_runs_as_a_separate_command_and_its_refusal_is_one_sentence(t
 
 
 def test_the_session_path_is_jupyterlabs_absolute_path_or_the_kernels_folder(monkeypatch, tmp_path):
-    monkeypatch.setattr(selfgrade, "_in_kernel", lambda: True)
+    monkeypatch.setattr(selfgrade, "in_notebook", lambda: True)
     for var in ("NBGRADER_EXECUTION", HANDIN_ENV):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("JPY_SESSION_NAME", str(tmp_path / "01_stepwise_backprop.ipynb"))

@@ -160,7 +160,7 @@ def test_show_report_in_jupyter_shows_the_verdict_once_then_the_widget(monkeypat
     import IPython.display
 
     shown = []
-    monkeypatch.setattr(widgets, "_in_notebook", lambda: True)
+    monkeypatch.setattr(widgets, "in_notebook", lambda: True)
     monkeypatch.setattr(IPython.display, "display", shown.append)
     tensors, ref = fresh(10)
     grads = dict(ref, b2=-ref["b2"])

@@ -57,15 +57,7 @@ class Case:
 
 def make_inputs(case: Case, seed: int):
     """(tensors, grads) of ``model.autograd_reference`` on fresh parameters and a fresh batch."""
-    cfg = Config(n_hidden=case.n_hidden)
-    params = model.init_params(cfg, seed=seed, dtype=case.dtype)
-    if case.logit_scale != 1:
-        params["W2"] = params["W2"] * case.logit_scale
-    g = torch.Generator().manual_seed(seed + 1)
-    Xb = torch.randint(0, cfg.vocab_size, (case.n, cfg.block_size), generator=g)
-    Yb = torch.randint(0, cfg.vocab_size, (case.n,), generator=g)
-    with torch.enable_grad():
-        return model.autograd_reference(params, Xb, Yb)
+    return model.fresh_inputs(seed, case.n, case.n_hidden, case.dtype, case.logit_scale)
 
 
 @dataclass
