@@ -6,7 +6,7 @@ autograde, sanitize:  ... OverwriteCells -> RestoreCells ...
 autograde:            Execute -> SandboxedExecute, then JudgeVerdicts, then nbgrader's
                       LimitOutput, SaveAutoGrades ... (which read the verdicts JudgeVerdicts wrote)
 generate_feedback:    GetGrades, HideHiddenTests, CSSHTMLHeaderPreprocessor, FeedbackSummary
-                      (HTML sanitized)
+                      (HTML sanitized: outputs by nbconvert, markdown by ``feedback_markdown``)
 
 - ``RestoreCells``: edited or deleted test and read-only cells come back from the source.
 - ``SandboxedExecute``: each notebook's kernel in its own sandbox (``sandbox.Box``); just
@@ -370,6 +370,26 @@ class HideHiddenTests(ClearHiddenTests):
         return cell, resources
 
 
+# Markdown in feedback, sanitized after it is rendered: nbgrader's feedback template renders
+# markdown cells (all of them a learner may have edited) without nbconvert's sanitizer, which
+# covers outputs only. What could run or restyle anything (scripts, event handlers, styles,
+# frames) goes; the course's own tags (collapsed derivations, the summary) stay.
+FEEDBACK_TAGS = {"p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "div", "span", "pre", "code", "em",
+                 "strong", "b", "i", "ul", "ol", "li", "blockquote", "details", "summary", "table", "thead",
+                 "tbody", "tr", "th", "td", "sub", "sup", "a", "img"}
+FEEDBACK_ATTRIBUTES = {"*": ["class", "id"], "a": ["href", "title"], "img": ["src", "alt", "title"]}
+
+
+def feedback_markdown(source: str) -> str:
+    """The ``markdown2html`` filter of feedback pages: nbconvert's renderer, then bleach (nbconvert's
+    own sanitizer) with the tags above."""
+    import bleach
+    from nbconvert.filters.markdown_mistune import markdown2html_mistune
+
+    return bleach.clean(markdown2html_mistune(source), tags=FEEDBACK_TAGS, attributes=FEEDBACK_ATTRIBUTES,
+                        protocols={"http", "https", "mailto", "data"}, strip=True)
+
+
 SUMMARY_CSS = """
 .bn-feedback-summary { border: 2px solid #1565c0; border-radius: 6px; padding: 0.6em 1em;
                        margin: 0.5em 0 1em; }
@@ -442,4 +462,6 @@ def harden_nbgrader(c) -> None:
     c.OverwriteCells.add_missing_cells = True
     c.GenerateFeedback.preprocessors = [GetGrades, HideHiddenTests, CSSHTMLHeaderPreprocessor,
                                         FeedbackSummary]
-    c.HTMLExporter.sanitize_html = True  # a learner's HTML or script never runs in feedback
+    # a learner's HTML or script never runs in feedback: outputs by nbconvert, markdown by us
+    c.HTMLExporter.sanitize_html = True
+    c.HTMLExporter.filters = {"markdown2html": feedback_markdown}
