@@ -373,11 +373,11 @@ class HideHiddenTests(ClearHiddenTests):
 # Markdown in feedback, sanitized after it is rendered: nbgrader's feedback template renders
 # markdown cells (all of them a learner may have edited) without nbconvert's sanitizer, which
 # covers outputs only. What could run or restyle anything (scripts, event handlers, styles,
-# frames) goes; the course's own tags (collapsed derivations, the summary) stay.
+# frames) goes; the course's own tags (collapsed derivations) stay. The summary is a raw HTML cell.
 FEEDBACK_TAGS = {"p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "div", "span", "pre", "code", "em",
                  "strong", "b", "i", "ul", "ol", "li", "blockquote", "details", "summary", "table", "thead",
                  "tbody", "tr", "th", "td", "sub", "sup", "a", "img"}
-FEEDBACK_ATTRIBUTES = {"*": ["class", "id"], "a": ["href", "title"], "img": ["src", "alt", "title"]}
+FEEDBACK_ATTRIBUTES = {"a": ["href", "title"], "img": ["src", "alt", "title"]}  # no class: none poses as ours
 
 
 def feedback_markdown(source: str) -> str:
@@ -430,8 +430,8 @@ class FeedbackSummary(NbGraderPreprocessor):
             found = "; ".join(f"cell {f['cell']}: {f['what']} ({f['rule']})" for f in flags)
             parts.append(f"<div><b>Flagged for an instructor's review:</b> {html.escape(found)}</div>")
         parts.append("</div>")
-        nb.cells.insert(0, NotebookNode(cell_type="markdown", metadata={}, source="\n".join(parts),
-                                        id="bn-feedback-summary"))
+        nb.cells.insert(0, NotebookNode(cell_type="raw", metadata={"raw_mimetype": "text/html"},
+                                        source="\n".join(parts), id="bn-feedback-summary"))
         resources.setdefault("inlining", {}).setdefault("css", []).append(SUMMARY_CSS)
         return nb, resources
 
