@@ -180,16 +180,24 @@ def vocabulary(words: list[str]) -> tuple[dict[str, int], dict[int, str]]:
 
 
 def build_dataset(words: list[str], stoi: dict[str, int], block_size: int = 3):
-    """X: (N, block_size) contexts of character indices, Y: (N,) the next character."""
-    X, Y = [], []
-    for w in words:
-        context = [0] * block_size
-        for ch in w + ".":
-            ix = stoi[ch]
-            X.append(context)
-            Y.append(ix)
-            context = context[1:] + [ix]
-    return torch.tensor(X), torch.tensor(Y)
+    """X: (N, block_size) contexts of character indices, Y: (N,) the next character.
+
+    The lecture's loop (a context of ``block_size`` dots, slid along ``word + "."``), as one
+    gather: each word is laid out after ``block_size`` zeros, and its contexts are the windows
+    that start at each of its characters (a Python loop over 228k characters costs ~1 s).
+    """
+    ids = [[stoi[ch] for ch in w + "."] for w in words]
+    lengths = torch.tensor([len(i) for i in ids], dtype=torch.long)
+    if not ids:
+        return torch.zeros((0, block_size), dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    laid_out = torch.tensor([x for i in ids for x in [0] * block_size + i], dtype=torch.long)
+    word_start = torch.cumsum(lengths + block_size, 0) - (lengths + block_size)  # each word's zeros
+    first = torch.cumsum(lengths, 0) - lengths                                   # its first example
+    starts = torch.repeat_interleave(word_start, lengths) + torch.arange(int(lengths.sum())) \
+        - torch.repeat_interleave(first, lengths)
+    X = laid_out.unfold(0, block_size, 1)[starts]
+    Y = laid_out[starts + block_size]
+    return X.contiguous(), Y
 
 
 def lecture_splits(words: list[str], block_size: int = 3, seed: int = 42):

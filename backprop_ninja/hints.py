@@ -70,7 +70,7 @@ class Autograd(dict):
                     values[name] = op(*(values[i] for i in inputs))
                 if name == out:
                     break
-            return torch.autograd.grad(values[out], leaf, grad_outputs=self[out])[0]
+            return model.vjp(values[out], [leaf], self[out])[0]
 
 
 Expr = Callable[[Forward, Autograd], torch.Tensor]

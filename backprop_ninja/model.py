@@ -109,6 +109,14 @@ def forward(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor,
     return {name: values[name] for name, _, _ in GRAPH}
 
 
+def vjp(out: torch.Tensor, inputs: list[torch.Tensor], grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The vector-Jacobian product of ``out`` with ``grad_out``, as the gradient of
+    ``(out * grad_out).sum()``: the same numbers as ``torch.autograd.grad(out, inputs, grad_out)``
+    (mul's backward hands ``grad_out`` on unchanged), without the symbolic-shapes machinery torch
+    imports on the first explicit ``grad_outputs`` (a second, in every kernel and grading job)."""
+    return torch.autograd.grad((out * grad_out).sum(), inputs)
+
+
 def local_gradients(tensors: dict[str, torch.Tensor], upstream: dict[str, torch.Tensor]
                     ) -> dict[str, torch.Tensor]:
     """Each variable's gradient from its own lines' backward steps, fed ``upstream``.
@@ -129,7 +137,7 @@ def local_gradients(tensors: dict[str, torch.Tensor], upstream: dict[str, torch.
             out = op(*args)
             grad_out = torch.ones_like(out) if name == "loss" else upstream[name]
             diff = [(i, a) for i, a in zip(inputs, args) if i not in NOT_DIFFERENTIABLE]
-            grads = torch.autograd.grad(out, [a for _, a in diff], grad_outputs=grad_out)
+            grads = vjp(out, [a for _, a in diff], grad_out)
         for (i, _), g in zip(diff, grads):
             result[i] = result[i] + g if i in result else g
     return result

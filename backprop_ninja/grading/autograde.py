@@ -106,6 +106,7 @@ def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path |
     """
     from tqdm import tqdm
 
+    jobs.warm_up()
     stems = list(course_notebooks(course))
     students = only if only is not None else find_submissions(submissions, stems)
     isolate = isolate and probe() is None

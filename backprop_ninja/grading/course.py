@@ -11,6 +11,7 @@ is never graded with. No kernel can see the cache: it is outside every sandbox.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -39,17 +40,23 @@ def course_notebooks(course: Path = COURSE) -> dict[str, Path]:
     return {p.stem: p for p in found}
 
 
-def read_notebook(path: Path):
-    """The notebook at ``path`` or a ``UserError`` naming what is wrong with it."""
-    import nbformat
+def read_notebook(path: Path) -> dict:
+    """The notebook at ``path`` as JSON, or a ``UserError`` naming what is wrong with it.
 
+    A structural check only (JSON, nbformat 4, a list of cells): nbgrader validates it fully in
+    the grading job. Importing nbformat here would cost the command seconds before any job starts
+    (its jsonschema compiles a URI grammar on import)."""
     try:
-        return nbformat.read(str(path), as_version=4)
+        nb = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} cannot be read ({exc.__class__.__name__}).") from None
-    except Exception as exc:  # nbformat raises bare JSON/validation errors
+    except ValueError as exc:
         raise UserError(f"{path} is not a valid notebook (malformed JSON or not nbformat 4): "
                         f"{str(exc).splitlines()[0][:120]}.") from None
+    if not isinstance(nb, dict) or nb.get("nbformat") != 4 or not isinstance(nb.get("cells"), list):
+        raise UserError(f"{path} is not a valid notebook (malformed JSON or not nbformat 4): "
+                        "it has no nbformat 4 cells.")
+    return nb
 
 
 def _files(root: Path) -> list[Path]:

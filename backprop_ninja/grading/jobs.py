@@ -32,6 +32,12 @@ from backprop_ninja.grading.sandbox import Limits
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
+# nbformat's jsonschema checks the "iri" format with rfc3987-syntax when it is installed (Jupyter's
+# event schemas pull it in), and that package compiles a grammar on import: 2.5 s in every grading
+# process, for a format no notebook schema uses. Grading processes, which import this module
+# before nbgrader, do without it.
+sys.modules.setdefault("rfc3987_syntax", None)
+
 
 @dataclass
 class NotebookResult:
@@ -198,9 +204,18 @@ def _context():
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["backprop_ninja.grading.steps", "nbgrader.converters", "nbgrader.api",
-                                "nbgrader.preprocessors", "nbclient", "nbconvert"])
+    ctx.set_forkserver_preload(["backprop_ninja.grading.jobs", "backprop_ninja.grading.steps",
+                                "nbgrader.converters", "nbgrader.api", "nbgrader.preprocessors", "nbclient",
+                                "nbconvert"])
     return ctx
+
+
+def warm_up() -> None:
+    """Start the job server now, so that its imports (seconds) overlap with the caller's set-up."""
+    import multiprocessing.forkserver
+
+    _context()
+    multiprocessing.forkserver.ensure_running()
 
 
 def run_process(target, args: tuple, timeout: float) -> int | None:

@@ -46,6 +46,7 @@ from pathlib import Path
 HOME = "/home/learner"     # the kernel's home and working folder, inside the box
 HANDIN = "/handin"         # the hand-in box, inside the box
 HANDIN_ENV = "BACKPROP_NINJA_HANDIN"
+MPL_DIR = "/tmp/matplotlib"  # matplotlib's config and cache folder, inside the box (its font cache bound in)
 
 
 @dataclass(frozen=True)
@@ -233,10 +234,23 @@ def _data_dir() -> Path:
     return Path(os.environ.get("BACKPROP_NINJA_DATA", _package_dir().parent / "data")).resolve()
 
 
+def _matplotlib_cache() -> Path | None:
+    """A matplotlib font cache built once, outside every sandbox: a kernel with a fresh home
+    would otherwise spend a second building it before its first plot."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "backprop-ninja" / "matplotlib"
+    if not any(cache.glob("fontlist-*.json")):
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"], capture_output=True,
+                       env={**os.environ, "MPLCONFIGDIR": str(cache)}, timeout=300, check=False)
+    found = sorted(cache.glob("fontlist-*.json"))
+    return found[-1] if found else None
+
+
 def _kernel_env(spec: dict, handin: str, home: str) -> dict[str, str]:
     env = {"HOME": home, "USER": "learner", "LOGNAME": "learner", "LANG": "C.UTF-8",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
            "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg",
+           "MPLCONFIGDIR": MPL_DIR,
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", HANDIN_ENV: handin,
            "BACKPROP_NINJA_DATA": str(_data_dir()),
            # the kernel imports the very package the grader runs (a checkout, or site-packages)
@@ -254,6 +268,13 @@ def _set_limits(limits: dict, uid_limit: bool) -> None:
         resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"], limits["processes"]))
 
 
+def _font_cache() -> list[str]:
+    """A writable matplotlib folder in the box's /tmp with the prebuilt font cache in it, read-only."""
+    fonts = _matplotlib_cache()
+    args = ["--perms", "1777", "--dir", MPL_DIR]
+    return [*args, "--ro-bind", str(fonts), f"{MPL_DIR}/{fonts.name}"] if fonts else args
+
+
 def _bwrap_argv(spec: dict, connection: str, kernel: list[str]) -> list[str]:
     root, limits, uid = Path(spec["root"]), spec["limits"], spec["uid"]
     package = _package_dir()
@@ -264,6 +285,7 @@ def _bwrap_argv(spec: dict, connection: str, kernel: list[str]) -> list[str]:
             "--perms", "0755", "--size", "4096", "--tmpfs", str(package / "grading"),
             "--ro-bind", "/dev/null", str(package / "reference.py"),
             *_read_only(str(_data_dir())),
+            *_font_cache(),
             *_parents(HOME), "--perms", "0700" if not spec["uid_switch"] else "1777", "--size", home_size,
             "--tmpfs", HOME,
             *_parents(str(root / "runtime")), "--bind", str(root / "runtime"), str(root / "runtime"),
@@ -300,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         os.execv(cmd[0], cmd)
     os.chdir(root)
     env = {**os.environ, **_kernel_env(spec, str(root), str(root / "home"))}
+    fonts = _matplotlib_cache()
+    env["MPLCONFIGDIR"] = str(fonts.parent) if fonts else str(root / "home")
     (root / "home").mkdir(exist_ok=True)
     os.execve(kernel[0], kernel, env)
 

@@ -37,7 +37,7 @@ from nbformat.notebooknode import NotebookNode, from_dict
 from nbgrader import utils
 from nbgrader.api import Gradebook
 from nbgrader.preprocessors import ClearHiddenTests, Execute, NbGraderPreprocessor, OverwriteCells
-from traitlets import Bool, Integer, Unicode
+from traitlets import Bool, Integer, Unicode, default
 
 from backprop_ninja.grading import judge, rules
 from backprop_ninja.grading.sandbox import Box, Limits, probe
@@ -178,6 +178,10 @@ class SandboxedExecute(Execute):
     notebook_output_bytes = Integer(Limits.notebook_output_bytes,
                                     help="output kept per notebook").tag(config=True)
     scratch = Unicode("", help="where kernels' boxes are made (default: the temp dir)").tag(config=True)
+
+    @default("shutdown_kernel")
+    def _shutdown_now(self):
+        return "immediate"  # a graded kernel has nothing to save: the sandbox just goes (saves ~1.4 s)
 
     def _limits(self) -> Limits:
         return Limits(cell_timeout=self.timeout or Limits.cell_timeout, memory=self.memory,
