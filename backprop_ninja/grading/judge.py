@@ -99,11 +99,11 @@ def _read_slot(data: bytes | None) -> Returned:
     return Returned(tensors=tensors, note=note if isinstance(note, dict) else {})
 
 
-def _gradients(returned: Returned, names) -> dict[str, torch.Tensor]:
+def _gradients(returned: Returned) -> dict[str, torch.Tensor]:
     """The learner's {name: gradient}; "dlogits"-style keys are accepted for "logits"."""
     out: dict[str, torch.Tensor] = {}
     for key, value in returned.tensors.items():
-        out.setdefault(check.variable_name(key) if key not in names else key, value)
+        out.setdefault(check.variable_name(key), value)
     return out
 
 
@@ -142,7 +142,7 @@ def _judge_stepwise(session: Session, ex: Exercise, points: float) -> Verdict:
             return Verdict(0.0, [f"Score 0: {why}"])
         if problem:
             notes.append(problem[:-1] + "; only the gradients computed before that line were graded.")
-        grads = _gradients(returned, BACKWARD_ORDER)
+        grads = _gradients(returned)
         upstream = {}
         for name in BACKWARD_ORDER:
             got = grads.get(name)
@@ -206,7 +206,7 @@ def _judge_parameters(session: Session, ex: Exercise, points: float) -> Verdict:
             why = problem or (f"{ex.function} must return a dict name -> gradient of the 7 parameters, "
                               f"got {returned.note.get('returned', 'nothing')}.")
             return Verdict(0.0, [f"Score 0: {why}"])
-        grads = _gradients(returned, PARAM_NAMES)
+        grads = _gradients(returned)
         todo = {name: (grads.get(name), ref[name]) for name in PARAM_NAMES if name not in failures}
         for name, d in check.diagnose_each(todo, tensors).items():
             if not d.ok:
