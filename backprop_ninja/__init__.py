@@ -15,3 +15,18 @@ def in_notebook() -> bool:
     ipython = sys.modules.get("IPython")  # never imported here: a kernel has it already
     shell = ipython.get_ipython() if ipython is not None else None
     return getattr(shell, "kernel", None) is not None
+
+
+def accepted(fn, kwargs: dict) -> dict:
+    """Only the keywords ``fn`` declares, unless it takes ``**_`` (the contract asks for it;
+    a learner who forgot it should be graded, not get a TypeError)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return kwargs
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return {k: v for k, v in kwargs.items() if k in names}

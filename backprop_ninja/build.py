@@ -21,22 +21,16 @@ from __future__ import annotations
 import copy
 import os
 import re
-import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import nbformat
 
 from backprop_ninja import UserError
+from backprop_ninja.grading.course import ASSIGNMENT, COURSE, NOTEBOOKS, SOLUTIONS, source_dir
+from backprop_ninja.grading.course import REPO as REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-COURSE = REPO_ROOT / "grader"
-ASSIGNMENT = "backprop"
-SOURCE = COURSE / "source" / ASSIGNMENT
-NOTEBOOKS = REPO_ROOT / "notebooks"
-SOLUTIONS = REPO_ROOT / "solutions"
+SOURCE = source_dir()
 _SOLUTION_MARK = re.compile(r"^[ \t]*### (BEGIN|END) SOLUTION[ \t]*\n?", re.MULTILINE)
 
 
@@ -63,19 +57,12 @@ def _sources() -> list[Path]:
 
 
 def release(scratch: Path) -> dict[str, nbformat.NotebookNode]:
-    """The learner notebooks, by stem, through ``nbgrader generate_assignment``."""
-    course = scratch / "course"
-    shutil.copytree(SOURCE, course / "source" / ASSIGNMENT)
-    shutil.copy(COURSE / "nbgrader_config.py", course / "nbgrader_config.py")
-    bindir = str(Path(sys.executable).parent)  # nbgrader shells out to alembic from the venv
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "nbgrader", "generate_assignment", ASSIGNMENT,
-                           "--force", "--log-level=WARN"],
-                          cwd=course, env=env, capture_output=True, text=True)
-    out = course / "release" / ASSIGNMENT
-    if proc.returncode != 0 or not out.is_dir():
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise UserError(f"nbgrader generate_assignment failed; fix the source notebook it names:\n{tail}")
+    """The learner notebooks, by stem, through ``nbgrader generate_assignment`` (the grader's own
+    release step, in a job process, on a copy of the course)."""
+    from backprop_ninja.grading.jobs import release as generate
+
+    _sources()
+    out = generate(scratch, COURSE) / "release" / ASSIGNMENT
     return {p.stem: nbformat.read(p, as_version=4) for p in sorted(out.glob("*.ipynb"))}
 
 
@@ -100,19 +87,13 @@ def execute(nb: nbformat.NotebookNode, timeout: int = 1800) -> nbformat.Notebook
 
     nb = copy.deepcopy(nb)
     language_info = copy.deepcopy(nb.metadata.get("language_info"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NBGRADER")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBGRADER")}  # not graded: run all
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(SOLUTIONS)}})
-    saved = os.environ.copy()
-    os.environ.clear()
-    os.environ.update(env)
     try:
-        client.execute()
+        client.execute(env=env)  # handed to the kernel manager, for the kernel alone
     except CellExecutionError as exc:
         raise UserError(f"a solution notebook failed to run; fix the source: {str(exc)[-600:]}") from None
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     # The kernel writes its exact Python version here; keep the file the same on every machine.
     nb.metadata["language_info"] = language_info
     for cell in nb.cells:

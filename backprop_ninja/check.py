@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backprop_ninja import model
+from backprop_ninja import mistakes, model
 
 
 def _reference(t: torch.Tensor) -> torch.Tensor:
@@ -54,8 +54,6 @@ def cmp(s: str, dt, t, tensors: dict | None = None) -> bool:
 # Diagnosis
 # ----------------------------------------------------------------------------------------
 
-STATUSES = ("exact", "close", "wrong", "wrong shape", "wrong dtype", "missing", "not finite",
-            "inherited")
 OK_STATUSES = ("exact", "close")
 
 # ----------------------------------------------------------------------------------------
@@ -407,14 +405,14 @@ def _factor_mistake(got, expected, terms, n, var, known_only):
 
 
 def _shape_mistake(got: torch.Tensor, exp: torch.Tensor):
-    """(label, detail) for a gradient whose shape is not its variable's."""
+    """(label, detail) for a gradient whose shape is not its variable's; detail fills its sentence."""
     gs, es = tuple(got.shape), tuple(exp.shape)
     if len(gs) == 2 and len(es) == 2 and gs == es[::-1]:
-        return "transposed", None
+        return "transposed", {}
     if got.numel() == exp.numel():
         if tuple(d for d in es if d != 1) == gs and len(gs) < len(es):
-            return "missing keepdim", None
-        return "missing .view", None
+            return "missing keepdim", {}
+        return "missing .view", {}
     try:
         bshape = torch.broadcast_shapes(gs, es)
     except RuntimeError:
@@ -422,130 +420,57 @@ def _shape_mistake(got: torch.Tensor, exp: torch.Tensor):
     if bshape == gs and got.numel() > exp.numel():
         padded = (1,) * (len(gs) - len(es)) + es
         dims = tuple(d for d, (a, b) in enumerate(zip(gs, padded)) if b == 1 and a != 1)
-        return "not summed over the broadcast dimension", dims
-    return None, None
-
-
-FUSED_NAMES = ("dlogits", "dhprebn")  # exercises 2 and 3 have their own progressive hints
-
-
-def _hint(var: str, mistake: str | None, n: int | None, detail=None, status: str = "wrong",
-          name: str | None = None) -> str:
-    d = f"d{var}"
-    if status == "missing":
-        return f"{d} is missing: return a gradient (a tensor shaped like {var}) for every variable."
-    if status == "not finite":
-        return (f"{d} contains NaN or inf: something overflowed or divided by zero. Exponentiate "
-                "logits only after subtracting each row's maximum, as the forward pass does, and "
-                "never divide by a value that can be zero.")
-    if mistake == "wrong dtype":
-        got_dtype, exp_dtype, right = detail
-        kind = (f"is {_dtype_name(got_dtype)}" if got_dtype.is_floating_point or got_dtype.is_complex
-                else f"holds integers ({_dtype_name(got_dtype)})")
-        return (f"{d} {kind} but {var} is {_dtype_name(exp_dtype)}: a gradient must have its "
-                f"variable's dtype. Create new tensors with zeros_like or ones_like of a tensor you were "
-                f"given (they copy its dtype), or pass dtype={var}.dtype to zeros, ones or tensor."
-                + (f" Its values are right to {_dtype_name(right)} precision." if right else ""))
-    if mistake == "missing keepdim":
-        return (f"{d} lost a dimension that {var} has. A gradient always has its variable's shape: "
-                "keep the summed dimension (keepdim) so it broadcasts the way the forward pass did.")
-    if mistake == "missing .view":
-        return (f"{d} holds the right number of entries in the wrong shape. A gradient always has "
-                f"its variable's shape: reshape it (.view) to the shape of {var}.")
-    if mistake == "not summed over the broadcast dimension":
-        dims = " and ".join(str(x) for x in detail) if detail else "its broadcast dimension"
-        return (f"In the forward pass {var} was broadcast (copied) along dimension {dims}, so every "
-                f"copy sends a gradient back: add them up along that dimension so {d} has {var}'s shape.")
-    if mistake == "transposed":
-        return (f"{d} looks like the transpose of the right gradient. Check the order of the "
-                "matrix product and which operand is transposed, so that the shapes line up "
-                f"with {var}'s.")
-    if mistake == "all zeros":
-        return f"{d} is all zeros: the placeholder was not replaced, or no gradient reaches {var}."
-    if mistake == "sign flipped":
-        return (f"{d} has the opposite sign to the right gradient. Check the sign of the local "
-                "derivative: a subtraction, a negative power, or the minus in front of the mean.")
-    if mistake == "Bessel's correction":
-        return (f"{d} matches BatchNorm with the biased variance (1/n). The forward pass divides by "
-                "n-1 (Bessel's correction); the backward pass must use the same factor.")
-    if mistake and mistake.startswith("missing branch"):
-        used, other = detail
-        return (f"{d} holds only the gradient that flows back through {used}. {var} is also used by "
-                f"{other}, and a variable used twice receives the sum of both branches' gradients.")
-    if mistake and "factor" in mistake:
-        label = mistake.split("factor ", 1)[1].split(" or ")[0]
-        why = {
-            "n": "a division by the batch size is missing (the loss is a mean over the batch).",
-            "1/n": "the gradient was divided by the batch size once too often.",
-            "n-1": "a 1/(n-1) from the variance is missing.",
-            "1/(n-1)": "the 1/(n-1) of the variance was applied once too often.",
-            "2": "check the derivative of a square (the power rule) and any factor applied twice.",
-            "1/2": "check the derivative of a square or of a power (the power rule brings the "
-                   "exponent down).",
-        }
-        if "Bessel" in label:
-            reason = ("the variance uses Bessel's correction, 1/(n-1), not 1/n: use the same "
-                      "factor as the forward pass.")
-        else:
-            reason = why.get(label, "a constant is missing or extra in the local derivative.")
-        sign = "with the opposite sign and " if mistake.startswith("sign flipped and") else ""
-        return f"{d} is {sign}{label} times the right gradient: {reason}"
-    if mistake and mistake.startswith("inherited"):
-        up = detail
-        return (f"{d} follows correctly from your d{up}; it is wrong only because an earlier "
-                "gradient is. Fix the first wrong gradient and this one will follow.")
-    return (f"{d} does not match autograd. Work out the local derivative of the line that uses "
-            f"{var}, multiply it by the upstream gradient, and add up every branch; "
-            f"hint(\"{d}\") gives step-by-step help.")
+        return "not summed over the broadcast dimension", {
+            "dims": " and ".join(str(x) for x in dims) or "its broadcast dimension"}
+    return None, {}
 
 
 def _classify(var: str, got: torch.Tensor, exp: torch.Tensor, terms, ctx: _Context,
               branch_map: dict | None = None, biased: dict | None = None):
-    """(mistake label or None, detail) for a same-shape, finite, wrong gradient."""
+    """(mistake label or None, detail filling its sentence) for a same-shape, finite, wrong gradient."""
     n = ctx.n
     if not got.any():
-        return "all zeros", None
+        return "all zeros", {}
     if got.dim() == 2 and got.shape[0] == got.shape[1] and _close(got, exp.T.contiguous(),
                                                                          _transpose(terms)):
-        return "transposed", None
+        return "transposed", {}
     if biased is not None and var in biased and _close(got, biased[var].to(exp.dtype), terms, slack=5):
-        return "Bessel's correction", None
+        return "Bessel's correction", {}
     f = _factor_mistake(got, exp, terms, n, var, known_only=True)
     if f is not None:
-        return f, None
+        return f, {}
     if branch_map is not None and var in branch_map and len(branch_map[var]) > 1:
         for c, contribution in branch_map[var].items():
             if _close(got, contribution.to(exp.dtype), terms, slack=5):
                 other = " and ".join(o for o in branch_map[var] if o != c)
-                return f"missing branch through {other}", (c, other)
+                return f"missing branch through {other}", {"used": c, "other": other}
     f = _factor_mistake(got, exp, terms, n, var, known_only=False)
-    return f, None
+    return f, {}
 
 
 def _diagnose(name, got, expected, ctx: _Context, *, local=None, branch_map=None, up_name=None):
     var = variable_name(name)
     expected = _reference(expected).detach()
     if got is None:
-        return Diagnosis(name, "missing", hint=_hint(var, None, ctx.n, status="missing"), expected=expected)
+        return Diagnosis(name, "missing", hint=mistakes.sentence(var, "missing"), expected=expected)
     if not isinstance(got, torch.Tensor):
         return Diagnosis(name, "missing", mistake=f"not a tensor ({type(got).__name__})",
-                         hint=_hint(var, None, ctx.n, status="missing"), expected=expected)
+                         hint=mistakes.sentence(var, "missing"), expected=expected)
     got = got.detach()
     if got.shape != expected.shape:
         got = _as_dtype(got, expected.dtype)
         mistake, detail = _shape_mistake(got, expected)
         return Diagnosis(name, "wrong shape", mistake=mistake or f"shape {tuple(got.shape)}, "
                          f"expected {tuple(expected.shape)}",
-                         hint=_hint(var, mistake, ctx.n, detail) if mistake else
-                         (f"d{var} has shape {tuple(got.shape)} but {var} has shape "
-                          f"{tuple(expected.shape)}: a gradient always has its variable's shape."),
+                         hint=mistakes.sentence(var, mistake, **detail) if mistake else mistakes.sentence(
+                             var, "wrong shape", got=tuple(got.shape), expected=tuple(expected.shape)),
                          got=got, expected=expected)
     terms = ctx.terms_of(var, expected)
     if got.dtype != expected.dtype:
         return _wrong_dtype(name, var, got, expected, terms, ctx.n)
     if not torch.isfinite(got).all():
         return Diagnosis(name, "not finite", mistake="NaN/inf (numerical stability)",
-                         hint=_hint(var, None, ctx.n, status="not finite"), got=got, expected=expected)
+                         hint=mistakes.sentence(var, "not finite"), got=got, expected=expected)
     diff = float((got - expected).abs().max()) if got.numel() else 0.0
     common = dict(max_abs_diff=diff, rel_error=diff / _scale(expected, terms), got=got, expected=expected)
     if torch.equal(got, expected):
@@ -555,14 +480,14 @@ def _diagnose(name, got, expected, ctx: _Context, *, local=None, branch_map=None
     # Wrong. Is the learner's own line right, given the learner's upstream gradients?
     if local is not None and var in local and _close(got, local[var].to(expected.dtype), terms, slack=5):
         return Diagnosis(name, "inherited", mistake=f"inherited from d{up_name}",
-                         hint=_hint(var, "inherited", ctx.n, up_name), **common)
+                         hint=mistakes.sentence(var, "inherited", up=up_name), **common)
     # Judge the line against what it should give from the learner's own upstream, when known.
     target = local[var].to(expected.dtype) if local is not None and var in local else expected
     mistake, detail = _classify(var, got, target, terms, ctx, branch_map if branch_map is not None
                                 else ctx.branches, ctx.biased)
     if mistake is None and target is not expected:
         mistake, detail = _classify(var, got, expected, terms, ctx, ctx.branches, ctx.biased)
-    return Diagnosis(name, "wrong", mistake=mistake, hint=_hint(var, mistake, ctx.n, detail, name=name),
+    return Diagnosis(name, "wrong", mistake=mistake, hint=mistakes.sentence(var, mistake, **detail),
                      **common)
 
 
@@ -580,8 +505,15 @@ def _wrong_dtype(name, var, got, expected, terms, n) -> Diagnosis:
             right = lower
     return Diagnosis(name, "wrong dtype", max_abs_diff=diff, rel_error=diff / _scale(expected, terms),
                      mistake=f"{_dtype_name(got.dtype)}, expected {_dtype_name(expected.dtype)}",
-                     hint=_hint(var, "wrong dtype", n, (got.dtype, expected.dtype, right)),
+                     hint=_dtype_sentence(var, got.dtype, expected.dtype, right),
                      got=values, expected=expected)
+
+
+def _dtype_sentence(var: str, got: torch.dtype, expected: torch.dtype, right: torch.dtype | None) -> str:
+    kind = (f"is {_dtype_name(got)}" if got.is_floating_point or got.is_complex
+            else f"holds integers ({_dtype_name(got)})")
+    right = f" Its values are right to {_dtype_name(right)} precision." if right else ""
+    return mistakes.sentence(var, "wrong dtype", kind=kind, expected=_dtype_name(expected), right=right)
 
 
 def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

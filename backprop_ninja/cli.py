@@ -34,9 +34,28 @@ def _autograde(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from backprop_ninja.train import run_train
+    """Train, then print train/val loss, time per step and 20 samples."""
+    from backprop_ninja.data import is_canonical, lecture_data
+    from backprop_ninja.train import BATCH_SIZE, LECTURE_STEPS, N_HIDDEN, train
 
-    return run_train(steps=args.steps, backward=args.backward, seed=args.seed)
+    splits, itos = lecture_data()
+    tty = sys.stderr.isatty()
+    label = {"manual": "the course's fused backward", "lecture": "the lecture's backward (loop dC)",
+             "autograd": "autograd loss.backward()"}[args.backward]
+    print(f"training n_hidden={N_HIDDEN}, batch {BATCH_SIZE}, {args.steps:,} steps, seed {args.seed}, "
+          f"backward: {label}", flush=True)
+    result = train(args.backward, args.steps, seed=args.seed, splits=splits, itos=itos, progress=tty,
+                   log=None if tty else lambda line: print(line, flush=True))
+    print(f"time per step: {result.seconds_per_step * 1e3:.3f} ms "
+          f"({result.seconds:.1f} s for {args.steps:,} steps)")
+    print(f"train loss: {result.split_loss('train'):.4f}")
+    print(f"val loss:   {result.split_loss('val'):.4f}")
+    if args.steps == LECTURE_STEPS and is_canonical():
+        print("(the lecture reached train 2.07, val 2.11)")
+    print("samples:")
+    for word in result.sample(20):
+        print(f"  {word}")
+    return 0
 
 
 def _positive_int(text: str) -> int:

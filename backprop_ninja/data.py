@@ -212,3 +212,9 @@ def lecture_splits(words: list[str], block_size: int = 3, seed: int = 42):
     return (build_dataset(words[:n1], stoi, block_size),
             build_dataset(words[n1:n2], stoi, block_size),
             build_dataset(words[n2:], stoi, block_size))
+
+
+def lecture_data():
+    """(splits, itos): the lecture's Xtr/Ytr, Xdev/Ydev, Xte/Yte and index -> character."""
+    words = load_words()
+    return lecture_splits(words), vocabulary(words)[1]

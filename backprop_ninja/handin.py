@@ -15,7 +15,6 @@ never how it is judged. Without staged inputs (the notebook run outside the grad
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import json
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save
 
-from backprop_ninja import model
+from backprop_ninja import accepted, model
 
 HANDIN_ENV = "BACKPROP_NINJA_HANDIN"  # set by the grader's sandbox
 
@@ -39,19 +38,6 @@ def _box() -> Path:
         raise NotGrading("these hidden tests only run inside the course's grader "
                          "(backprop-ninja grade, or nbgrader with this course's configuration).")
     return Path(box)
-
-
-def accepted(fn, kwargs: dict) -> dict:
-    """Only the keywords ``fn`` declares, unless it takes ``**_`` (the contract asks for it;
-    a learner who forgot it should be graded, not get a TypeError)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return kwargs
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return kwargs
-    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    return {k: v for k, v in kwargs.items() if k in names}
 
 
 def _plain(value) -> torch.Tensor | None:

@@ -6,6 +6,7 @@ autograd reference and the diagnosis all speak the same language.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +15,6 @@ LECTURE_SEED = 2147483647
 BN_EPS = 1e-5
 
 PARAM_NAMES = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")
-# Forward intermediates in the order the forward pass creates them.
-FORWARD_NAMES = ("emb", "embcat", "hprebn", "bnmeani", "bndiff", "bndiff2", "bnvar",
-                 "bnvar_inv", "bnraw", "hpreact", "h", "logits", "logit_maxes",
-                 "norm_logits", "counts", "counts_sum", "counts_sum_inv", "probs", "logprobs")
 # Exercise 1: the order in which the lecture back-propagates.
 BACKWARD_ORDER = ("logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits",
                   "logit_maxes", "logits", "h", "W2", "b2", "hpreact", "bngain", "bnbias",
@@ -93,6 +90,33 @@ GRAPH = (
     ("loss", ("logprobs", "Yb"), _nll),
 )
 NOT_DIFFERENTIABLE = ("Xb", "Yb")
+# Forward intermediates in the order the forward pass creates them.
+FORWARD_NAMES = tuple(name for name, _, _ in GRAPH if name != "loss")
+
+
+def evaluate(values: dict[str, torch.Tensor], until: str = "loss") -> dict[str, torch.Tensor]:
+    """Add to ``values`` what GRAPH's lines compute on the way to ``until``, and return it.
+
+    ``values`` holds the parameters and Xb (and Yb for the loss). Only the lines ``until``
+    depends on are run, and none whose output is already given: given the calibrated
+    ``bnmeani`` and ``bnvar``, the same lines compute the lecture's inference-time BatchNorm.
+    """
+    for name, inputs, op in _plan(until, frozenset(values)):
+        values[name] = op(*(values[i] for i in inputs))
+    return values
+
+
+@functools.cache
+def _plan(until: str, given: frozenset) -> tuple:
+    """The lines of GRAPH that compute ``until`` from ``given``, in order."""
+    if until != "loss" and until not in FORWARD_NAMES:
+        raise ValueError(f"no line of the forward pass computes {until!r}")
+    needed, plan = {until}, []
+    for name, inputs, op in reversed(GRAPH):
+        if name in needed and name not in given:
+            plan.append((name, inputs, op))
+            needed.update(inputs)
+    return tuple(reversed(plan))
 
 
 def forward(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor,
@@ -101,10 +125,9 @@ def forward(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor,
 
     With ``retain_grad`` every intermediate keeps its ``.grad`` after ``loss.backward()``.
     """
-    values = {**params, "Xb": Xb, "Yb": Yb}
-    for name, inputs, op in GRAPH:
-        values[name] = op(*(values[i] for i in inputs))
-        if retain_grad and name != "loss":
+    values = evaluate({**params, "Xb": Xb, "Yb": Yb})
+    if retain_grad:
+        for name in FORWARD_NAMES:
             values[name].retain_grad()
     return {name: values[name] for name, _, _ in GRAPH}
 

@@ -7,6 +7,8 @@ once and nothing leaks between cells; widgets are ipywidgets, testable without a
 from __future__ import annotations
 
 import base64
+import functools
+import html
 import io
 
 import ipywidgets as W
@@ -15,6 +17,8 @@ from matplotlib.figure import Figure
 
 from backprop_ninja import in_notebook, model
 from backprop_ninja.check import Diagnosis, Report, diagnose, variable_name
+
+escape = functools.partial(html.escape, quote=False)  # text inside tags: <, > and & only
 
 STATUS_COLOURS = {
     "exact": "#2e7d32",        # green
@@ -104,7 +108,7 @@ def verdict(report: Report) -> list[str]:
 
 def _verdict_html(report: Report) -> str:
     head, *fix = verdict(report)
-    return _wrapping(f"<b>{_escape(head)}</b>" + "".join(f"<br>{_escape(line)}" for line in fix))
+    return _wrapping(f"<b>{escape(head)}</b>" + "".join(f"<br>{escape(line)}" for line in fix))
 
 
 def _frame(report: Report) -> str:
@@ -176,8 +180,8 @@ class ReportWidget(W.VBox):
         # The first wrong gradient's hint is already in the verdict above: not said twice.
         hint = d.hint if d.hint and d.name != self.report.first_wrong else ""
         text = (f"<b>d{variable_name(d.name)}</b>: {d.status}"
-                + (f", {_escape(d.mistake)}" if d.mistake else "")
-                + (f"<br>{_escape(hint)}" if hint else ""))
+                + (f", {escape(d.mistake)}" if d.mistake else "")
+                + (f"<br>{escape(hint)}" if hint else ""))
         self.caption.value = _wrapping(text)
         png = base64.b64encode(_png(self.figure)).decode("ascii")
         # Set the Output's state directly: works in a kernel, in tests, and without capture.
@@ -199,10 +203,6 @@ def report_text(report: Report, with_verdict: bool = True) -> str:
     return "\n".join([d.line() for d in report.rows] + (verdict(report) if with_verdict else []))
 
 
-def _escape(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
 def _wrapping(html: str) -> str:
     """Inline HTML that wraps (widgets' HTML keeps a single-line height otherwise)."""
     return f"<div style='white-space:normal;overflow-wrap:anywhere;line-height:1.35'>{html}</div>"
@@ -212,7 +212,7 @@ def _row_html(d: Diagnosis) -> str:
     colour = STATUS_COLOURS.get(d.status, "#000")
     diff = "" if d.max_abs_diff != d.max_abs_diff else f"maxdiff {d.max_abs_diff:.1e}"
     label = d.mistake.replace("inherited ", "") if d.status == "inherited" and d.mistake else d.mistake
-    mistake = f" &middot; {_escape(label)}" if label else ""
+    mistake = f" &middot; {escape(label)}" if label else ""
     return _wrapping(
         f"<span style='font-family:monospace;color:{colour};font-weight:bold;display:inline-block;"
         f"min-width:11.5ch'>{d.status}</span>"

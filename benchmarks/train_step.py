@@ -43,7 +43,9 @@ import time
 
 import torch
 
-from backprop_ninja.train import LECTURE_STEPS, lecture_data, step_times, train
+from backprop_ninja.data import lecture_data
+from backprop_ninja.speed import step_times
+from backprop_ninja.train import LECTURE_STEPS, train
 
 VARIANTS = {"autograd": None, "lecture": "lecture", "course": "manual"}
 

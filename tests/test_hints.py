@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from backprop_ninja import UserError, check, hints, model
+from backprop_ninja import UserError, check, hints, mistakes, model
 from backprop_ninja.hints import EXERCISES, Check, Hints
 
 
@@ -244,7 +244,7 @@ def test_the_feedbacks_hint_call_resolves_in_its_own_exercise(exercise, capsys):
     hint = Hints(exercise=exercise)
     for var in FEEDBACK[exercise]:
         for name in (var, f"d{var}"):  # the judge passes "logits", a report may pass "dlogits"
-            sentence = check._hint(var, None, 32, name=name)
+            sentence = mistakes.sentence(check.variable_name(name))
             (called,) = re.findall(r'hint\("([^"]*)"\)', sentence)
             assert called == f"d{var}"
             hint(called)

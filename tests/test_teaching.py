@@ -437,7 +437,7 @@ def test_notebook_4_has_the_learners_training_loop_between_backward_and_train():
     assert (meta.solution, meta.grade, meta.locked) == (True, False, False)
     assert "nbval-ignore-output" in loop.metadata.tags
     template = REGION.sub("", loop.source)
-    assert "from backprop_ninja.train import LivePlot" in template and "with torch.no_grad()" in template
+    assert "from backprop_ninja.progress import LivePlot" in template and "with torch.no_grad()" in template
     body = REGION.findall(loop.source)[0]
     for part in ("torch.randint(", "forward(", "backward(", "p -= lr *", "0.01", "losses.append("):
         assert part in body, part

@@ -9,28 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from backprop_ninja import UserError, cli, model, reference
+from backprop_ninja import UserError, cli, data, inference, model, reference, speed
 from backprop_ninja import train as T
 
 
 @pytest.fixture(scope="module")
 def lecture(words):
     """(splits, itos) of whatever data/names.txt holds."""
-    return T.lecture_data()
-
-
-def _fresh(seed, batch, n_hidden):
-    p = model.init_params(model.Config(n_hidden=n_hidden), seed=seed, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    Xb = torch.randint(0, 27, (batch, 3), generator=g)
-    Yb = torch.randint(0, 27, (batch,), generator=g)
-    return model.autograd_reference(p, Xb, Yb)
+    return data.lecture_data()
 
 
 @pytest.mark.parametrize("backward", [reference.fused_backward, reference.lecture_backward])
 @pytest.mark.parametrize("seed,batch,n_hidden", [(0, 32, 200), (1, 2, 16), (2, 7, 64), (3, 100, 30)])
 def test_reference_backward_matches_autograd_on_fresh_inputs(backward, seed, batch, n_hidden):
-    tensors, grads = _fresh(seed, batch, n_hidden)
+    tensors, grads = model.fresh_inputs(seed, batch, n_hidden)
     before = {k: v.clone() for k, v in tensors.items()}
     with torch.no_grad():
         got = backward(**tensors)
@@ -65,6 +57,41 @@ def test_manual_and_autograd_training_follow_the_same_loss_curve(lecture, dtype,
     assert manual.losses[-1] < manual.losses[0] - 0.5  # it did learn
     for name in model.PARAM_NAMES:
         assert torch.allclose(manual.params[name], auto.params[name], atol=tol * 10), name
+
+
+def test_the_training_forward_is_the_lectures_lines_with_the_fused_loss():
+    tensors, _ = model.fresh_inputs(4, 9, 20)
+    params = {k: tensors[k] for k in model.PARAM_NAMES}
+    got = T.forward(params, tensors["Xb"], tensors["Yb"])
+    assert set(got) == set(T.FORWARD_KEYWORDS)
+    for name in T.TRAINING_LINES:
+        assert torch.equal(got[name], tensors[name]), name
+    assert got["n"] == 9 and torch.allclose(got["loss"], tensors["loss"], rtol=1e-12)
+
+
+def test_a_backward_without_catch_all_keywords_gets_only_what_it_names(lecture):
+    splits, itos = lecture
+    def strict(*, Xb, Yb, C, W1, W2, bngain, embcat, bnraw, bnvar_inv, h, logits):
+        return reference.fused_backward(Xb=Xb, Yb=Yb, C=C, W1=W1, W2=W2, bngain=bngain, embcat=embcat,
+                                        bnraw=bnraw, bnvar_inv=bnvar_inv, h=h, logits=logits)
+
+    r = T.train(strict, 20, splits=splits, itos=itos, progress=False, calibrate_bn=False)
+    assert r.losses == T.train("manual", 20, splits=splits, itos=itos, progress=False,
+                               calibrate_bn=False).losses
+
+
+def test_inference_runs_the_forward_lines_with_the_calibrated_statistics(lecture):
+    """The lecture's inference: bngain * (hprebn - bnmean) / sqrt(bnvar + eps) + bnbias, tanh, W2."""
+    (Xtr, _), (Xdev, _), _ = lecture[0]
+    p = model.init_params(model.Config(n_hidden=50), seed=5, dtype=torch.float64)
+    bnmean, bnvar = inference.calibrate(p, Xtr[:5000])
+    hprebn = p["C"][Xtr[:5000]].view(5000, -1) @ p["W1"] + p["b1"]
+    assert torch.allclose(bnmean, hprebn.mean(0, keepdim=True))
+    assert torch.allclose(bnvar, hprebn.var(0, keepdim=True))
+    X = Xdev[:100]
+    h = torch.tanh(p["bngain"] * (p["C"][X].view(100, -1) @ p["W1"] + p["b1"] - bnmean)
+                   * (bnvar + model.BN_EPS) ** -0.5 + p["bnbias"])
+    assert torch.allclose(inference.logits(p, (bnmean, bnvar), X), h @ p["W2"] + p["b2"], rtol=1e-12)
 
 
 def test_a_backward_that_calls_autograd_is_stopped(lecture):
@@ -131,7 +158,7 @@ def test_training_result_calibrates_evaluates_and_samples(lecture):
 
 
 def test_compare_speed_reports_the_learners_backward_against_autograd(lecture):
-    out = T.compare_speed(reference.fused_backward, steps=20, repeats=2, splits=lecture[0])
+    out = speed.compare_speed(reference.fused_backward, steps=20, repeats=2, splits=lecture[0])
     assert set(out) == {"yours_us", "autograd_us", "speedup"}
     assert out["yours_us"] > 0 and out["speedup"] == pytest.approx(out["autograd_us"] / out["yours_us"])
 
