@@ -33,17 +33,17 @@ import torch.nn.functional as F
 
 from backprop_ninja import UserError, accepted, inference, model
 from backprop_ninja.data import lecture_data
-from backprop_ninja.model import LECTURE_SEED, PARAM_NAMES, Config, init_params
+from backprop_ninja.model import BN_EPS, LECTURE_SEED, PARAM_NAMES, Config, init_params
 from backprop_ninja.progress import LivePlot, progress_bar
 
 N_HIDDEN = 200
 BATCH_SIZE = 32
 LECTURE_STEPS = 200_000
 
-# The training forward runs the lecture's lines up to the logits, then F.cross_entropy, as the
-# lecture's exercise 4 does (the chunked softmax lines are exercise 1's).
-TRAINING_LINES = model.FORWARD_NAMES[:model.FORWARD_NAMES.index("logits") + 1]
-# What the training forward hands to a backward function, by keyword (the lecture's names).
+# What the training forward hands to a backward function, by keyword: the lecture's names of
+# model.GRAPH's lines up to the logits (bnvar's line squares bndiff itself), and the loss.
+TRAINING_LINES = tuple(name for name in model.FORWARD_NAMES[:model.FORWARD_NAMES.index("logits") + 1]
+                       if name != "bndiff2")
 FORWARD_KEYWORDS = ("Xb", "Yb", "n", *PARAM_NAMES, *TRAINING_LINES, "loss")
 
 Backward = Callable[..., dict]
@@ -57,11 +57,36 @@ class AutogradUsedError(UserError):
 
 
 def forward(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor) -> dict:
-    """Exercise 4's forward pass: every tensor a backward may use, by its lecture name
-    (``FORWARD_KEYWORDS``): ``model.GRAPH``'s lines up to the logits, then the fused loss."""
-    values = model.evaluate({**params, "Xb": Xb, "Yb": Yb, "n": Xb.shape[0]}, until="logits")
-    values["loss"] = F.cross_entropy(values["logits"], Yb)
-    return values
+    """Exercise 4's forward pass, the lecture's: every tensor a backward may use, by its lecture name.
+
+    The same numbers as ``model.GRAPH``'s lines up to the logits (to float rounding), then the
+    fused ``F.cross_entropy``. Written out rather than run from GRAPH because it is the hot
+    path of 200,000 steps: GRAPH keeps the lecture's exercise-1 lines bit for bit (cmp's `exact`
+    column depends on them), and those cost ~50 us a step more (measured in the note of the issue
+    that split this module: a scalar operation costs ~3 us more than a tensor one here).
+    Shapes (n = batch size, d = n_embd, H = n_hidden, V = vocab): Xb (n, block) int,
+    Yb (n,) int, emb (n, block, d), embcat (n, block*d), hprebn/bndiff/bnraw/hpreact/h
+    (n, H), bnmeani/bnvar/bnvar_inv (1, H), logits (n, V), loss () .
+    """
+    C, W1, b1, W2, b2 = (params[k] for k in ("C", "W1", "b1", "W2", "b2"))
+    n = Xb.shape[0]
+    emb = C[Xb]
+    embcat = emb.view(n, -1)
+    hprebn = embcat @ W1 + b1
+    bnmeani = hprebn.mean(0, keepdim=True)
+    # The lecture writes hprebn.var(0, unbiased=True): same numbers, but on one thread that
+    # reduction over dim 0 costs ~80 us here, more than the rest of this forward together.
+    bndiff = hprebn - bnmeani
+    bnvar = (bndiff * bndiff).sum(0, keepdim=True) / (n - 1)  # Bessel's correction
+    bnvar_inv = (bnvar + BN_EPS).rsqrt()
+    bnraw = bndiff * bnvar_inv
+    hpreact = params["bngain"] * bnraw + params["bnbias"]
+    h = torch.tanh(hpreact)
+    logits = h @ W2 + b2
+    loss = F.cross_entropy(logits, Yb)
+    return dict(Xb=Xb, Yb=Yb, n=n, **params, emb=emb, embcat=embcat, hprebn=hprebn,
+                bnmeani=bnmeani, bndiff=bndiff, bnvar=bnvar, bnvar_inv=bnvar_inv, bnraw=bnraw,
+                hpreact=hpreact, h=h, logits=logits, loss=loss)
 
 
 # --------------------------------------------------------------------------- backward passes
@@ -170,12 +195,14 @@ def make_step(name: str, backward: Backward | None, params: dict[str, torch.Tens
         return step
 
     checked = False
-    keys = tuple(accepted(backward, dict.fromkeys(FORWARD_KEYWORDS)))  # bndiff2 to those who ask
+    # a function without **_ gets only the tensors it names (one that takes **_ gets them all, as is)
+    keys = tuple(accepted(backward, dict.fromkeys(FORWARD_KEYWORDS)))
+    keys = None if len(keys) == len(FORWARD_KEYWORDS) else keys
 
     def step(Xb, Yb, lr):
         nonlocal checked
         tensors = forward(params, Xb, Yb)
-        grads = backward(**{k: tensors[k] for k in keys})
+        grads = backward(**(tensors if keys is None else {k: tensors[k] for k in keys}))
         if not checked:
             _check_grads(grads, params, name)
             checked = True
