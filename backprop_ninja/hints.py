@@ -148,6 +148,24 @@ def _broadcast(var: str, what: str, aside: str = "") -> str:
             f"back: add them up over the {what}")
 
 
+def _broadcast_operand(var: str, out: str, other: str | None, shape: str, unit: str, local: str,
+                       copies: tuple[str, str], dim: int, keeps: str) -> Gradient:
+    """The gradient of an operand broadcast in ``out = other * var`` (``out = x - var`` when
+    ``other`` is None): the local derivative is ``other`` (or −1), and the copies' gradients
+    are added up over dimension ``dim``."""
+    if other is None:
+        derivative, first = (lambda t: -torch.ones_like(t[out])), f"Take minus d{out}. "
+        gradient = lambda t, d: -d[out].sum(dim, keepdim=True)  # noqa: E731
+    else:
+        derivative, first = (lambda t: t[other]), f"Multiply {other} by d{out} entry by entry. "
+        gradient = lambda t, d: (t[other] * d[out]).sum(dim, keepdim=True)  # noqa: E731
+    return Gradient(var, shape, (
+        _shape(var, shape, unit),
+        Step(local, (_local(var, out, derivative),)),
+        Step(first + _broadcast(*copies) + keeps, (_gradient(gradient),)),
+    ))
+
+
 def _linear_layer(x: str, W: str, b: str, out: str, x_shape: str, W_shape: str, out_shape: str, unit: str,
                   x_note: str = ".", b_note: str = "") -> tuple[Gradient, Gradient, Gradient]:
     """The three gradients of ``out = x @ W + b`` (the lecture's two linear layers)."""
@@ -240,17 +258,12 @@ STEPWISE: dict[str, Gradient] = {g.var: g for g in (
              "does: a correct character given a low probability gets a large gradient.",
              (_gradient(lambda t, d: d.logprobs / t.probs),)),
     )),
-    Gradient("counts_sum_inv", "(n, 1)", (
-        _shape("counts_sum_inv", "(n, 1)", ": one number per example, a column."),
-        Step("probs is counts times counts_sum_inv, and the (n, 1) column counts_sum_inv is broadcast "
-             "across the 27 columns. The local derivative of probs[i, j] with respect to "
-             "counts_sum_inv[i] is counts[i, j].",
-             (_local("counts_sum_inv", "probs", lambda t: t.counts),)),
-        Step("Multiply counts by dprobs entry by entry. "
-             + _broadcast("counts_sum_inv[i]", "27 entries of row i")
-             + ", so that the result stays a column of shape (n, 1).",
-             (_gradient(lambda t, d: (t.counts * d.probs).sum(1, keepdim=True)),)),
-    )),
+    _broadcast_operand("counts_sum_inv", "probs", "counts", "(n, 1)", ": one number per example, a column.",
+                      "probs is counts times counts_sum_inv, and the (n, 1) column counts_sum_inv is "
+                      "broadcast across the 27 columns. The local derivative of probs[i, j] with respect "
+                      "to counts_sum_inv[i] is counts[i, j].",
+                      ("counts_sum_inv[i]", "27 entries of row i"), 1,
+                      ", so that the result stays a column of shape (n, 1)."),
     Gradient("counts_sum", "(n, 1)", (
         _shape("counts_sum", "(n, 1)", "."),
         Step("counts_sum_inv is counts_sum to the power −1. The power rule brings the exponent down and "
@@ -280,17 +293,13 @@ STEPWISE: dict[str, Gradient] = {g.var: g for g in (
         Step("Multiply counts by dcounts, entry by entry.",
              (_gradient(lambda t, d: t.counts * d.counts),)),
     )),
-    Gradient("logit_maxes", "(n, 1)", (
-        _shape("logit_maxes", "(n, 1)", ": one number per example, a column."),
-        Step("norm_logits is logits minus logit_maxes, with the column logit_maxes broadcast across the 27 "
-             "columns: the local derivative with respect to logit_maxes is −1.",
-             (_local("logit_maxes", "norm_logits", lambda t: -torch.ones_like(t.norm_logits)),)),
-        Step("Take minus dnorm_logits. " + _broadcast("logit_maxes[i]", "27 entries of row i")
-             + ", keeping the shape (n, 1). Expect numbers near zero (about 1e-9 in float32): "
-             "shifting a row of logits does not change its softmax, so the loss does not depend on "
-             "logit_maxes.",
-             (_gradient(lambda t, d: -d.norm_logits.sum(1, keepdim=True)),)),
-    )),
+    _broadcast_operand("logit_maxes", "norm_logits", None, "(n, 1)", ": one number per example, a column.",
+                       "norm_logits is logits minus logit_maxes, with the column logit_maxes broadcast "
+                       "across the 27 columns: the local derivative with respect to logit_maxes is −1.",
+                       ("logit_maxes[i]", "27 entries of row i"), 1,
+                       ", keeping the shape (n, 1). Expect numbers near zero (about 1e-9 in float32): "
+                       "shifting a row of logits does not change its softmax, so the loss does not depend "
+                       "on logit_maxes."),
     Gradient("logits", "(n, 27)", (
         _shape("logits", "(n, 27)", ". logits is used twice, in norm_logits and in logit_maxes (each "
                "row's maximum), so its gradient has two branches."),
@@ -339,15 +348,11 @@ STEPWISE: dict[str, Gradient] = {g.var: g for g in (
              "and nothing needs adding up, since bnraw has the full shape (n, n_hidden).",
              (_gradient(lambda t, d: t.bngain * d.hpreact),)),
     )),
-    Gradient("bnvar_inv", "(1, n_hidden)", (
-        _shape("bnvar_inv", "(1, n_hidden)", ": one row, one number per hidden unit."),
-        Step("bnraw is bndiff times bnvar_inv, with the row bnvar_inv broadcast over the n examples: the "
-             "local derivative with respect to bnvar_inv is bndiff.",
-             (_local("bnvar_inv", "bnraw", lambda t: t.bndiff),)),
-        Step("Multiply bndiff by dbnraw entry by entry. " + _broadcast("bnvar_inv", "n examples")
-             + ", keeping the shape (1, n_hidden).",
-             (_gradient(lambda t, d: (t.bndiff * d.bnraw).sum(0, keepdim=True)),)),
-    )),
+    _broadcast_operand("bnvar_inv", "bnraw", "bndiff", "(1, n_hidden)",
+                      ": one row, one number per hidden unit.",
+                      "bnraw is bndiff times bnvar_inv, with the row bnvar_inv broadcast over the n "
+                      "examples: the local derivative with respect to bnvar_inv is bndiff.",
+                      ("bnvar_inv", "n examples"), 0, ", keeping the shape (1, n_hidden)."),
     Gradient("bnvar", "(1, n_hidden)", (
         _shape("bnvar", "(1, n_hidden)", ": one row, one number per hidden unit."),
         Step("bnvar_inv is (bnvar + ε) to the power −1/2, with ε the forward pass's 1e-5. The power rule "
@@ -377,15 +382,10 @@ STEPWISE: dict[str, Gradient] = {g.var: g for g in (
              "dbndiff2, bnvar_inv by dbnraw) and add the two branches.",
              (_gradient(lambda t, d: 2 * t.bndiff * d.bndiff2 + t.bnvar_inv * d.bnraw),)),
     )),
-    Gradient("bnmeani", "(1, n_hidden)", (
-        _shape("bnmeani", "(1, n_hidden)", ": one row, one number per hidden unit."),
-        Step("bndiff is hprebn minus bnmeani, with the row bnmeani broadcast over the n examples: the "
-             "local derivative with respect to bnmeani is −1.",
-             (_local("bnmeani", "bndiff", lambda t: -torch.ones_like(t.bndiff)),)),
-        Step("Take minus dbndiff. " + _broadcast("bnmeani", "n examples")
-             + ", keeping the shape (1, n_hidden).",
-             (_gradient(lambda t, d: -d.bndiff.sum(0, keepdim=True)),)),
-    )),
+    _broadcast_operand("bnmeani", "bndiff", None, "(1, n_hidden)", ": one row, one number per hidden unit.",
+                       "bndiff is hprebn minus bnmeani, with the row bnmeani broadcast over the n "
+                       "examples: the local derivative with respect to bnmeani is −1.",
+                       ("bnmeani", "n examples"), 0, ", keeping the shape (1, n_hidden)."),
     Gradient("hprebn", "(n, n_hidden)", (
         _shape("hprebn", "(n, n_hidden)", ". hprebn is used twice, in bndiff and in bnmeani, so its "
                "gradient has two branches."),
