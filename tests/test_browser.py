@@ -20,11 +20,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pytest
@@ -142,10 +142,11 @@ def _kill_leftovers(marker: str) -> None:
                 pass
 
 
-@pytest.fixture
-def lab(tmp_path):
-    """The learner's lab: `make lab` serving tmp_path/work on 127.0.0.1 with a token; always
-    stopped, with its kernels and graders, afterwards."""
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """The learner's lab, shared by this module's tests: `make lab` serving a scratch work folder
+    on 127.0.0.1 with a token; always stopped, with its kernels and graders, afterwards."""
+    tmp_path = tmp_path_factory.mktemp("lab")
     port, token = _free_port(), secrets.token_hex(16)
     runtime = tmp_path / "runtime"
     config = tmp_path / "config"  # no user configuration of this machine's
@@ -177,7 +178,7 @@ def lab(tmp_path):
                     log.flush()
                     pytest.fail("JupyterLab did not start:\n" + (tmp_path / "lab.log").read_text()[-3000:])
                 time.sleep(0.5)
-        yield work, base, token
+        yield SimpleNamespace(work=work, base=base, token=token, runtime=runtime)
     finally:
         try:
             req = urllib.request.Request(f"{base}/api/shutdown?token={token}", method="POST")
@@ -197,22 +198,28 @@ def lab(tmp_path):
 
 
 @contextlib.contextmanager
+def _kept_if_failed(page, name: str):
+    """If the block fails, a screenshot of the page is kept as artifacts/browser/failed-<name>.png
+    for whoever reads the failure."""
+    try:
+        yield page
+    except BaseException:
+        with contextlib.suppress(Exception):
+            page.screenshot(path=str(ARTIFACTS / f"failed-{name}.png"), full_page=True)
+        raise
+
+
+@contextlib.contextmanager
 def _chromium_page(name: str, viewport: dict):
-    """A page of a fresh headless Chromium; if the test fails, a screenshot of the page is kept as
-    artifacts/browser/failed-<name>.png for whoever reads the failure."""
+    """A page of a fresh headless Chromium, kept as a screenshot if the block fails."""
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport=viewport)
-            try:
+            with _kept_if_failed(browser.new_page(viewport=viewport), name) as page:
                 yield page
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    page.screenshot(path=str(ARTIFACTS / f"failed-{name}.png"), full_page=True)
-                raise
         finally:
             browser.close()
 
@@ -221,7 +228,9 @@ def _open_and_run_all(page, base: str, token: str, notebook: Path) -> None:
     _chromium()  # before any slow work: fails under CI, else skips, without Chromium
     from playwright.sync_api import expect
 
-    page.goto(f"{base}/lab/tree/{notebook.name}?token={token}", timeout=60_000)
+    # a workspace of its own: the lab is shared, and its default workspace reopens earlier notebooks
+    page.goto(f"{base}/lab/workspaces/{notebook.stem}/tree/{notebook.name}?reset&token={token}",
+              timeout=60_000)
     page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=60_000)
     # wait until the kernel is up, then Run > Run All Cells
     expect(page.locator(".jp-StatusBar-Widget", has_text="| Idle").first).to_be_visible(timeout=90_000)
@@ -258,10 +267,9 @@ def test_report_widget_renders_in_jupyterlab(lab, tmp_path):
     _chromium()  # before any slow work: fails under CI, else skips, without Chromium
     from playwright.sync_api import expect
 
-    work, base, token = lab
-    notebook, from_solution = _planted_notebook(work)
+    notebook, from_solution = _planted_notebook(lab.work)
     with _chromium_page("report", {"width": 1500, "height": 1300}) as page:
-        _open_and_run_all(page, base, token, notebook)
+        _open_and_run_all(page, lab.base, lab.token, notebook)
 
         reports = page.locator(".backprop-ninja-report")
         expect(reports).to_have_count(2, timeout=120_000)
@@ -348,23 +356,74 @@ def test_report_widget_renders_in_jupyterlab(lab, tmp_path):
     shutil.copy(notebook, ARTIFACTS / notebook.name)
 
 
-def test_feedback_html_opens_with_the_verdict_and_wraps_long_lines(tmp_path):
+@pytest.fixture(scope="module")
+def graded_in_lab(lab):
+    """Exercise 1's solution with the planted mistake, as 01_stepwise_backprop.ipynb in the learner's
+    lab: Run All, until grade_me() (its last cell) shows the result. The page stays open for the
+    tests below; the grading it did made the feedback page the next test opens."""
     _chromium()  # before any slow work: fails under CI, else skips, without Chromium
     from playwright.sync_api import expect
 
     nb = _planted_solution()
     if nb is None:
         pytest.skip(f"{SOLUTION} has no line {RIGHT_LINE.strip()!r} to plant the mistake in")
-    notebook = tmp_path / "01_stepwise_backprop.ipynb"
+    if not any(c.cell_type == "code" and "grade_me()" in c.source for c in nb.cells[-2:]):
+        nb.cells.append(nbformat.v4.new_code_cell(GRADE_ME_CELL))  # solutions not rebuilt yet
+    notebook = lab.work / "01_stepwise_backprop.ipynb"  # a course notebook's own name: grade accepts it
     nbformat.write(nb, notebook)
-    grade = [str(Path(sys.executable).parent / "backprop-ninja"), "grade", str(notebook), "--json"]
-    done = subprocess.run(grade, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.splitlines()[-1])["notebooks"]["01_stepwise_backprop"]
-    assert result["score"] == 25 and "dh" in result["problem"], result
-    feedback = Path(result["feedback"])
-    assert feedback == tmp_path / "grade-feedback" / "01_stepwise_backprop.html"
-    with _chromium_page("feedback", {"width": 1000, "height": 900}) as page:
+    written = notebook.stat().st_mtime_ns
+    with _chromium_page("grade_me", {"width": 1400, "height": 1000}) as page:
+        _open_and_run_all(page, lab.base, lab.token, notebook)
+        result = page.locator(".bn-grade-me-result")
+        expect(result).to_be_visible(timeout=600_000)  # the whole notebook, then the grading
+        yield SimpleNamespace(page=page, result=result, notebook=notebook, written=written)
+
+
+def test_grade_me_grades_the_notebook_in_the_learners_lab(lab, graded_in_lab):
+    from playwright.sync_api import expect
+
+    page, result, notebook = graded_in_lab.page, graded_in_lab.result, graded_in_lab.notebook
+    with _kept_if_failed(page, "grade_me"):
+        # a learner's lab: no instructor tools, no Validate button
+        expect(page.locator(".lm-MenuBar-item", has_text="Run").first).to_be_visible()
+        assert page.locator(".lm-MenuBar-item", has_text="Nbgrader").count() == 0
+        assert page.locator(".lm-MenuBar-item", has_text="Formgrader").count() == 0
+        assert page.get_by_role("button", name=re.compile("^Validate$")).count() == 0
+        assert page.get_by_text("Create Assignment").count() == 0
+
+        expect(result.locator(".bn-grade-me-score")).to_contain_text(
+            "01_stepwise_backprop.ipynb: 25/26 with the hidden tests.")
+        expect(result).to_contain_text("First thing to fix: test_backward_stepwise: dh is wrong")
+        expect(result).to_contain_text(re.compile(r"Sandbox: (on|off)"))
+        assert page.locator("[data-mime-type='application/vnd.jupyter.error']").count() == 0
+        # grade_me() found its notebook as JupyterLab told the kernel: JPY_SESSION_NAME, absolute
+        sessions = [env["JPY_SESSION_NAME"] for env in _kernel_environments(str(lab.runtime))]
+        assert sessions.count(str(notebook)) == 1, sessions
+        # saved by the frontend before grading: the file on disk holds this session's outputs
+        assert notebook.stat().st_mtime_ns != graded_in_lab.written
+        saved = nbformat.read(notebook, as_version=4)
+        assert any(c.get("execution_count") for c in saved.cells if c.cell_type == "code")
+        assert (lab.work / "grade-feedback" / "01_stepwise_backprop.html").is_file()
+        # the feedback, inline, in a frame that wraps its long lines
+        frame = page.frame_locator(".bn-grade-me-feedback iframe")
+        summary = frame.locator(".bn-feedback-summary")
+        verdict = summary if summary.count() else frame.get_by_text(re.compile("dh is wrong")).first
+        expect(verdict).to_contain_text("dh is wrong", timeout=30_000)
+        box = result.bounding_box()
+        assert box["x"] + box["width"] <= 1400 and _clipped(result) == []
+        result.scroll_into_view_if_needed()
+        result.screenshot(path=str(ARTIFACTS / "grade_me.png"))
+    assert (ARTIFACTS / "grade_me.png").stat().st_size > 10_000
+
+
+def test_feedback_html_opens_with_the_verdict_and_wraps_long_lines(lab, graded_in_lab):
+    from playwright.sync_api import expect
+
+    feedback = lab.work / "grade-feedback" / "01_stepwise_backprop.html"  # grade_me's grading made it
+    assert feedback.is_file()
+    # a second tab of the same browser (Playwright's sync API runs one browser at a time)
+    page = graded_in_lab.page.context.browser.new_page(viewport={"width": 1000, "height": 900})
+    with _kept_if_failed(page, "feedback"):
         page.goto(feedback.as_uri(), timeout=60_000)
         summary = page.locator(".bn-feedback-summary")
         if summary.count():  # the summary the feedback opens with: in the first screenful
@@ -397,52 +456,3 @@ def test_feedback_html_opens_with_the_verdict_and_wraps_long_lines(tmp_path):
         assert hidden == [], hidden
         page.screenshot(path=str(ARTIFACTS / "feedback.png"))
     assert (ARTIFACTS / "feedback.png").stat().st_size > 10_000
-
-
-def test_grade_me_grades_the_notebook_in_the_learners_lab(lab, tmp_path):
-    _chromium()  # before any slow work: fails under CI, else skips, without Chromium
-    from playwright.sync_api import expect
-
-    work, base, token = lab
-    nb = _planted_solution()
-    if nb is None:
-        pytest.skip(f"{SOLUTION} has no line {RIGHT_LINE.strip()!r} to plant the mistake in")
-    if not any(c.cell_type == "code" and "grade_me()" in c.source for c in nb.cells[-2:]):
-        nb.cells.append(nbformat.v4.new_code_cell(GRADE_ME_CELL))  # solutions not rebuilt yet
-    notebook = work / "01_stepwise_backprop.ipynb"  # a course notebook's own name: grade accepts it
-    nbformat.write(nb, notebook)
-    written = notebook.stat().st_mtime_ns
-    with _chromium_page("grade_me", {"width": 1400, "height": 1000}) as page:
-        _open_and_run_all(page, base, token, notebook)
-        # a learner's lab: no instructor tools, no Validate button
-        expect(page.locator(".lm-MenuBar-item", has_text="Run").first).to_be_visible()
-        assert page.locator(".lm-MenuBar-item", has_text="Nbgrader").count() == 0
-        assert page.locator(".lm-MenuBar-item", has_text="Formgrader").count() == 0
-        assert page.get_by_role("button", name=re.compile("^Validate$")).count() == 0
-        assert page.get_by_text("Create Assignment").count() == 0
-
-        result = page.locator(".bn-grade-me-result")
-        expect(result).to_be_visible(timeout=600_000)  # the whole notebook, then the grading
-        expect(result.locator(".bn-grade-me-score")).to_contain_text(
-            "01_stepwise_backprop.ipynb: 25/26 with the hidden tests.")
-        expect(result).to_contain_text("First thing to fix: test_backward_stepwise: dh is wrong")
-        expect(result).to_contain_text(re.compile(r"Sandbox: (on|off)"))
-        assert page.locator("[data-mime-type='application/vnd.jupyter.error']").count() == 0
-        # grade_me() found its notebook as JupyterLab told the kernel: JPY_SESSION_NAME, absolute
-        (kernel,) = _kernel_environments(str(tmp_path / "runtime"))
-        assert kernel["JPY_SESSION_NAME"] == str(notebook)
-        # saved by the frontend before grading: the file on disk holds this session's outputs
-        assert notebook.stat().st_mtime_ns != written
-        saved = nbformat.read(notebook, as_version=4)
-        assert any(c.get("execution_count") for c in saved.cells if c.cell_type == "code")
-        assert (work / "grade-feedback" / "01_stepwise_backprop.html").is_file()
-        # the feedback, inline, in a frame that wraps its long lines
-        frame = page.frame_locator(".bn-grade-me-feedback iframe")
-        summary = frame.locator(".bn-feedback-summary")
-        verdict = summary if summary.count() else frame.get_by_text(re.compile("dh is wrong")).first
-        expect(verdict).to_contain_text("dh is wrong", timeout=30_000)
-        box = result.bounding_box()
-        assert box["x"] + box["width"] <= 1400 and _clipped(result) == []
-        result.scroll_into_view_if_needed()
-        result.screenshot(path=str(ARTIFACTS / "grade_me.png"))
-    assert (ARTIFACTS / "grade_me.png").stat().st_size > 10_000

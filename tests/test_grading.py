@@ -26,6 +26,7 @@ import html
 import re
 import secrets
 import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,9 @@ pytestmark = pytest.mark.slow
 
 # Low limits keep the hostile cases quick; still far above what a right notebook needs.
 LIMITS = Limits(cell_timeout=20, notebook_timeout=90, memory=3 << 30)
+# Three notebooks at once on two cores: "slowpoke" sleeps out its 90 s wall clock in one job slot,
+# and a third slot keeps both cores busy meanwhile.
+JOBS = 3
 FULL_MARKS = {STEP: 26.0, CE: 4.0, BN: 6.0, FULL: 10.0}
 TOKEN = str(300000 + secrets.randbelow(600000))   # marks every process a hostile student leaves behind
 WRONG_CE = {"dlogits[range(n), Yb] -= 1": "dlogits[range(n), Yb] += 1"}  # sign error
@@ -299,10 +303,16 @@ def graded(tmp_path_factory):
                 nbformat.write(nb, str(path))
     before = _tree(submissions)
     template = course.cached_template()
+    # The run's scratch folders (and so its kernels' command lines) under a folder of this test's own:
+    # other tests may be grading at the same time (pytest -n 2).
+    scratch = tmp / "scratch"
+    scratch.mkdir()
     started = time.perf_counter()
-    results = autograde.autograde_class(tmp, jobs_at_once=2, out=out, limits=LIMITS, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", str(scratch))
+        results = autograde.autograde_class(tmp, jobs_at_once=JOBS, out=out, limits=LIMITS, progress=False)
     return {"results": results, "out": out, "seconds": time.perf_counter() - started, "students": students,
-            "submissions": submissions, "before": before, "template": template}
+            "submissions": submissions, "before": before, "template": template, "scratch": scratch}
 
 
 def _feedback_text(graded, student, stem) -> str:
@@ -353,7 +363,8 @@ def test_no_process_of_the_run_outlives_it(graded):
     while _processes_with(TOKEN) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _processes_with(TOKEN)
-    assert not _processes_with("backprop-ninja-kernel-")
+    assert not _processes_with(str(graded["scratch"]))  # no kernel, sandbox or job of the run
+    assert list(graded["scratch"].iterdir()) == []  # and no scratch folder
 
 
 def test_a_later_run_is_unaffected(graded, tmp_path):
