@@ -24,9 +24,11 @@ def fused_backward(*, Xb, Yb, C, W1, W2, bngain, embcat, bnraw, bnvar_inv, h, lo
     n = Xb.shape[0]
     # cross-entropy (exercise 2): softmax minus the one-hot of the targets, averaged over n
     dlogits = F.softmax(logits, 1)
-    # (the lecture's dlogits[range(n), Yb] -= 1 does the same but costs ~3x this whole block:
-    # range(n) is turned into a tensor element by element, then indexing takes three calls)
-    dlogits -= F.one_hot(Yb, logits.shape[1])
+    # dlogits[i, Yb[i]] -= 1 in every row i, in one call: scatter_ adds -1 at column Yb[i] of row i.
+    # (The lecture's dlogits[range(n), Yb] -= 1 costs ~12x this: range(n) becomes a tensor element
+    # by element, then indexing takes three calls. dlogits -= F.one_hot(Yb, V) costs ~2x: it
+    # checks Yb, fills a new (n, V) integer tensor, then converts it to subtract it.)
+    dlogits.scatter_(1, Yb.view(-1, 1), -1.0, reduce="add")
     dlogits /= n
     # second linear layer
     dh = dlogits @ W2.T
