@@ -47,7 +47,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check backprop_ninja tests benchmarks conftest.py
 
 test: install-test data lint
-	$(BIN)/python -m pytest tests solutions --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests solutions --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 build: data
 	$(BIN)/backprop-ninja build

@@ -177,3 +177,12 @@ def _running(token: str) -> bool:
         except OSError:
             continue
     return False
+
+
+def test_a_scratch_folder_too_deep_for_the_kernels_sockets_is_one_sentence(tmp_path):
+    from backprop_ninja import UserError
+
+    deep = tmp_path / ("d" * 120)
+    with pytest.raises(UserError, match=r"too deep for the kernel's sockets .* set TMPDIR to a short folder"):
+        Box(deep, Limits())
+    assert not deep.exists()  # refused before anything was made

@@ -34,6 +34,7 @@ from safetensors.torch import load, save
 from backprop_ninja import check, model
 from backprop_ninja.grading.sandbox import Box
 from backprop_ninja.model import BACKWARD_ORDER, PARAM_NAMES, Config
+from backprop_ninja.train import one_thread
 
 SEED_ENV = "BACKPROP_NINJA_JUDGE_SEED"  # fixes the secret seed, to re-grade exactly
 MAX_CASE_BYTES = 32 << 20               # a case's outputs: a few MB at most when honest
@@ -322,18 +323,23 @@ class Session:
         g = torch.Generator().manual_seed((self.seed + sum(map(ord, ex.test))) % (1 << 62))
         return torch.randint(1, 1 << 62, (len(ex.cases),), generator=g).tolist()
 
+    # The judge's tensors are tiny and it shares the cores with the kernels being graded, so it
+    # computes on one torch thread (one_thread). With one thread per core, exercise 4's 300-step
+    # judgement took 5-12x longer on a loaded machine (tests/test_judge.py: 56-89 s against 8-12 s).
+
     def stage(self, test: str) -> None:
         """Before the test cell runs: its inputs in the box, an empty slot per case."""
         ex = EXERCISES[test]
         self.box.clear_inbox()
         cases = []
         for i, (case, seed) in enumerate(zip(ex.cases, self.case_seeds(ex))):
-            if ex.kind == "train":
-                inputs, scalars = _training_inputs(case, seed), {"steps": case.steps}
-            else:
-                tensors, ref = make_inputs(case, seed)
-                inputs = {**tensors, **{f"d{v}": ref[v] for v in ex.extra}}
-                scalars = {"scalars": {"n": case.n}}
+            with one_thread():
+                if ex.kind == "train":
+                    inputs, scalars = _training_inputs(case, seed), {"steps": case.steps}
+                else:
+                    tensors, ref = make_inputs(case, seed)
+                    inputs = {**tensors, **{f"d{v}": ref[v] for v in ex.extra}}
+                    scalars = {"scalars": {"n": case.n}}
             data = save({k: v.clone().contiguous() for k, v in inputs.items()})  # clone: no shared storage
             self.box.put(f"case-{i}.safetensors", data)
             self.box.slot(f"case-{i}.safetensors")
@@ -353,5 +359,5 @@ class Session:
 
     def verdict(self, test: str, points: float) -> Verdict:
         ex = EXERCISES[test]
-        with torch.no_grad():
+        with one_thread(), torch.no_grad():
             return ex.judge(self, ex, points)

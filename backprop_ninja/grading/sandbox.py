@@ -43,6 +43,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from backprop_ninja import UserError
+
 HOME = "/home/learner"     # the kernel's home and working folder, inside the box
 HANDIN = "/handin"         # the hand-in box, inside the box
 HANDIN_ENV = "BACKPROP_NINJA_HANDIN"
@@ -145,6 +147,10 @@ def _read_only(*paths: str) -> list[str]:
     return args
 
 
+# sun_path of a Unix socket is 108 bytes on Linux, one of them the terminating NUL.
+SOCKET_PATH_MAX = 107
+
+
 class Box:
     """One kernel's sandbox: the folder ``root`` (made by the grader, never visible whole to
     the kernel) with ``runtime/`` (its sockets), ``in/`` and ``out/`` (the hand-in box) and
@@ -159,6 +165,11 @@ class Box:
         self.uid = _fresh_uid() if self.isolate and self.root_mode else os.getuid()
         self.env = dict(env or {})
         self.runtime, self.inbox, self.outbox = (self.root / d for d in ("runtime", "in", "out"))
+        socket = str(self.runtime / "kernel-65535")  # the longest ZeroMQ ipc socket path it will bind
+        if len(socket.encode()) > SOCKET_PATH_MAX:
+            raise UserError(f"The grader's scratch folder {self.root.parent} is too deep for the kernel's "
+                            f"sockets (a Unix socket path holds at most {SOCKET_PATH_MAX} bytes): set TMPDIR "
+                            "to a short folder, such as /tmp.")
         for d in (self.runtime, self.inbox, self.outbox):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o755)

@@ -190,7 +190,8 @@ class SandboxedExecute(Execute):
 
     def preprocess(self, nb, resources=None, km=None):
         env = {k: v for k, v in os.environ.items() if k.startswith("NBGRADER_")}
-        with tempfile.TemporaryDirectory(prefix="backprop-ninja-kernel-", dir=self.scratch or None) as tmp:
+        # a short name: the kernel's socket paths lie below it (sandbox.SOCKET_PATH_MAX)
+        with tempfile.TemporaryDirectory(prefix="kernel-", dir=self.scratch or None) as tmp:
             self._box = Box(Path(tmp), self._limits(), self.isolate, env)
             self._session = judge.Session(self._box)
             self._stopped, self._kept, self._cut = None, {}, set()  # bytes kept by cell index
