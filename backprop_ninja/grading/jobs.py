@@ -9,18 +9,23 @@
 A job runs in a process forked from a server that has nbgrader imported already (importing
 it costs seconds; the calling process never imports it), so N jobs are N notebooks executing
 at once, and a job that outlives its wall-clock limit is killed; its kernel dies with it
-(the sandbox's ``--die-with-parent``). SQLite is only written by one process at a time:
+(the sandbox's ``--die-with-parent``). A run's jobs form a ``JobGroup``: on Ctrl-C it kills
+the running ones and starts no other; a run killed outright takes its job server with it,
+and every job dies with the server. SQLite is only written by one process at a time:
 each job has its own gradebook and the caller merges them one by one.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -61,8 +66,11 @@ class NotebookResult:
 
 
 def _enter_job(root: Path) -> None:
-    """Inside a job process: work in ``root``; nbgrader's log and stray output go to a file
-    there; nbgrader finds ``alembic`` (it runs it) even when the venv is not activated."""
+    """Inside a job process: die with the job server (it dies with the run, even a run killed
+    outright, so no job grades on for nobody); work in ``root``; nbgrader's log and stray output
+    go to a file there; nbgrader finds ``alembic`` (it runs it) even when the venv is not activated."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     os.chdir(root)
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     log = open(root / "nbgrader.log", "a")  # noqa: SIM115 (lives as long as the process)
@@ -218,23 +226,58 @@ def warm_up() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
-def run_process(target, args: tuple, timeout: float) -> int | None:
+class Stopped(Exception):
+    """The run was stopped (Ctrl-C): no job process starts any more."""
+
+
+class JobGroup:
+    """The job processes of one run. ``stop()`` kills those running (their sandboxed kernels
+    die with them) and refuses to start any other, so Ctrl-C takes effect at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: set = set()
+        self.stopped = False
+
+    def start(self, proc) -> None:
+        with self._lock:
+            if self.stopped:
+                raise Stopped
+            proc.start()
+            self._running.add(proc)
+
+    def done(self, proc) -> None:
+        with self._lock:
+            self._running.discard(proc)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            for proc in self._running:
+                proc.kill()
+
+
+def run_process(target, args: tuple, timeout: float, group: JobGroup | None = None) -> int | None:
     """Run ``target(*args)`` in a job process; exit code, or None when it was killed at ``timeout``
-    (its sandboxed kernel dies with it)."""
+    (its sandboxed kernel dies with it). Raises ``Stopped`` once ``group`` is stopped."""
+    group = group or JobGroup()
     proc = _context().Process(target=target, args=args, daemon=True)
-    proc.start()
+    group.start(proc)
     try:
         proc.join(timeout)
     finally:
+        group.done(proc)
         if proc.is_alive():
             proc.kill()
             proc.join()
             return None  # noqa: B012 - the kill is the answer, whatever interrupted the wait
+    if group.stopped:
+        raise Stopped
     return proc.exitcode
 
 
 def grade_notebook(template: Path, digest: str, job_dir: Path, student: str, stem: str, notebook: Path,
-                   limits: Limits, isolate: bool) -> NotebookResult:
+                   limits: Limits, isolate: bool, group: JobGroup | None = None) -> NotebookResult:
     """Autograde one submitted notebook in ``job_dir`` (a verified copy of the template).
 
     A job that fails without reaching its wall-clock limit (nbgrader raised, e.g. a kernel
@@ -250,7 +293,8 @@ def grade_notebook(template: Path, digest: str, job_dir: Path, student: str, ste
         submitted.mkdir(parents=True)
         shutil.copyfile(notebook, submitted / f"{stem}.ipynb")  # a copy: the learner's file stays as is
         code = run_process(autograde_job, (str(run_dir), student, stem, asdict(limits), isolate),
-                           timeout=max(1.0, limits.notebook_timeout - (time.perf_counter() - started)))
+                           timeout=max(1.0, limits.notebook_timeout - (time.perf_counter() - started)),
+                           group=group)
         result.job_dir = str(run_dir)
         if code is None or (code == 0 and (run_dir / "result.json").exists()):
             break
@@ -278,15 +322,17 @@ def _log_reason(log: Path) -> str:
     return one_line(errors[-1] if errors else "no log was written") + "."
 
 
-def merge_grades(gradebook: Path, job_dir: Path, student: str, stem: str) -> None:
+def merge_grades(gradebook: Path, job_dir: Path, student: str, stem: str,
+                 group: JobGroup | None = None) -> None:
     """Merge one job's grades into the class gradebook, in a job process. One caller at a time."""
-    code = run_process(merge_job, (str(Path(gradebook).resolve()), str(job_dir), student, stem), timeout=300)
+    code = run_process(merge_job, (str(Path(gradebook).resolve()), str(job_dir), student, stem), timeout=300,
+                       group=group)
     if code != 0:
         raise UserError(f"recording {student}/{stem} in {gradebook} failed: "
                         + _log_reason(job_dir / "nbgrader.log"))
 
 
-def release(scratch: Path, course: Path) -> Path:
+def release(scratch: Path, course: Path, group: JobGroup | None = None) -> Path:
     """``nbgrader generate_assignment`` on a copy of ``course`` in ``scratch``; the released template."""
     template = scratch / "template"
     template.mkdir(parents=True)
@@ -294,7 +340,7 @@ def release(scratch: Path, course: Path) -> Path:
         shutil.copy2(course / "nbgrader_config.py", template / "nbgrader_config.py")
     shutil.copytree(course / "source" / ASSIGNMENT, template / "source" / ASSIGNMENT,
                     ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
-    code = run_process(generate_job, (str(template),), timeout=300)
+    code = run_process(generate_job, (str(template),), timeout=300, group=group)
     if code != 0 or not (template / "max_scores.json").exists():
         log = (template / "nbgrader.log").read_text() if (template / "nbgrader.log").exists() else ""
         raise UserError(f"nbgrader generate_assignment failed on {course} "
