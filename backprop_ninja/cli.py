@@ -59,10 +59,20 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
     return value
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -117,7 +127,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=200_000, metavar="N")
     p.add_argument("--backward", choices=("manual", "autograd", "lecture"), default="manual",
                    help="manual: the course's fused backward; lecture: with the loop dC")
-    p.add_argument("--seed", type=int, default=2147483647, metavar="S")
+    p.add_argument("--seed", type=_whole_number, default=2147483647, metavar="S")
     p.set_defaults(func=_train)
     return parser
 

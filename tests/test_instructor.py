@@ -11,6 +11,7 @@ graded for real, after a run on it was killed, and is then interrupted with Ctrl
 
 from __future__ import annotations
 
+import codecs
 import csv
 import os
 import shutil
@@ -26,12 +27,13 @@ import nbformat
 import pytest
 from learner import CE, notebook
 
-from backprop_ninja import cli
+from backprop_ninja import cli, data
 from backprop_ninja.grading import folders
 from backprop_ninja.grading.course import SOLUTIONS
 from backprop_ninja.grading.sandbox import probe
 
 WRONG_CE = {"dlogits[range(n), Yb] -= 1": "dlogits[range(n), Yb] += 1"}
+BOM = codecs.BOM_UTF8
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:
@@ -307,3 +309,82 @@ def test_ctrl_c_stops_jobs_and_kernels_within_seconds_and_changes_nothing(graded
     assert _tree(root / "results") == published  # the interrupted run published nothing
     assert _scratch(run.pid) == []
     assert sorted(p.name for p in root.iterdir()) == ["class", "results"]
+
+
+# --- every bad input: one sentence, a non-zero exit, no litter ------------------------------------
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("BACKPROP_NINJA_DATA", str(tmp_path / "data"))
+    monkeypatch.delenv("BACKPROP_NINJA_NAMES", raising=False)
+    return tmp_path / "data"
+
+
+def _one_sentence(capsys, argv: list[str]) -> str:
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_data_names_txt_being_a_directory_is_one_sentence_and_no_litter(data_dir, capsys):
+    (data_dir / "names.txt").mkdir(parents=True)
+    (data_dir / "names.txt" / "mine.txt").write_text("a learner's file")
+    before = _tree(data_dir)
+    err = _one_sentence(capsys, ["data", "--from", str(SOLUTIONS / f"{CE}.ipynb")])
+    assert "names.txt is a directory, not a file" in err and "move it away" in err
+    assert _tree(data_dir) == before  # no names.txt.<pid>.tmp, nothing moved or deleted
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda d: d, "is a directory, not a file; pass the path of the file itself"),
+    (lambda d: (d / "loop").symlink_to("loop") or d / "loop", "is a symbolic link that loops back on itself"),
+    (lambda d: (d / "dangling").symlink_to("gone.txt") or d / "dangling", "is a broken symbolic link"),
+    (lambda d: d / "absent.txt", "does not exist"),
+])
+def test_data_from_says_what_the_path_is(tmp_path, data_dir, capsys, make, says):
+    (tmp_path / "from").mkdir()
+    err = _one_sentence(capsys, ["data", "--from", str(make(tmp_path / "from"))])
+    assert says in err
+    assert not data_dir.exists() or list(data_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("bom, newline", [(b"", b"\r\n"), (BOM, b"\n"), (BOM, b"\r\n")])
+def test_a_crlf_or_bom_copy_of_names_txt_is_converted_and_verified(tmp_path, data_dir, capsys, bom, newline):
+    canonical = data.REPO_ROOT / "data" / "names.txt"
+    if not data.is_canonical(canonical):
+        pytest.skip("needs the canonical names.txt to copy from")
+    copy = tmp_path / "names-from-windows.txt"
+    copy.write_bytes(bom + canonical.read_bytes().replace(b"\n", newline))
+    assert cli.main(["data", "--from", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert "converted" in out and ("byte-order mark" in out) == bool(bom)
+    assert ("CRLF" in out) == (b"\r" in newline)
+    assert data.is_canonical(data_dir / "names.txt")
+    assert sorted(p.name for p in data_dir.iterdir()) == ["names.txt"]
+
+
+def test_a_different_file_is_still_refused_and_says_what_it_has(tmp_path, data_dir, capsys):
+    other = tmp_path / "other.txt"
+    other.write_bytes(b"emma\r\nolivia\r\n")
+    err = _one_sentence(capsys, ["data", "--from", str(other)])
+    assert "is not the course's names.txt" in err and "Windows (CRLF) line endings" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train", "--steps", "abc"], "argument --steps: must be a positive whole number, got 'abc'"),
+    (["train", "--steps", "0"], "argument --steps: must be a positive whole number, got '0'"),
+    (["train", "--seed", "x"], "argument --seed: must be a whole number, got 'x'"),
+    (["autograde", "class", "--jobs", "two"], "argument --jobs: must be a positive whole number, got 'two'"),
+])
+def test_a_bad_number_says_what_it_must_be(capsys, argv, says):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err and "invalid" not in err and "Traceback" not in err
+
+
+def test_the_readmes_results_folder_is_git_ignored():
+    ignored = subprocess.run(["git", "check-ignore", "-q", "results/grades.csv"], cwd=SOLUTIONS.parent)
+    assert ignored.returncode == 0
