@@ -1,4 +1,4 @@
-"""``backprop-ninja``: the course's command line (data, build, grade, autograde, train)."""
+"""``backprop-ninja``: the course's command line (data, build, grade, autograde, formgrader, train)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ def _autograde(args: argparse.Namespace) -> int:
     from backprop_ninja.grading.autograde import run_autograde
 
     return run_autograde(args.submissions, jobs_at_once=args.jobs, out=args.out, no_sandbox=args.no_sandbox)
+
+
+def _formgrader(args: argparse.Namespace) -> int:
+    from backprop_ninja.grading.formgrader import run_formgrader
+
+    return run_formgrader(args.out, port=args.port)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -120,6 +126,15 @@ def make_parser() -> argparse.ArgumentParser:
                    help="grade even where learner code cannot be isolated (bubblewrap missing); "
                    "only for submissions you trust")
     p.set_defaults(func=_autograde)
+
+    p = sub.add_parser("formgrader", help="review an autograded class in nbgrader's formgrader",
+                       description="Start JupyterLab with nbgrader's formgrader on the course that "
+                       "`autograde --out OUT` wrote (OUT/course), on 127.0.0.1, and print the URL to open.")
+    p.add_argument("out", nargs="?", default="autograde-out", metavar="OUT",
+                   help="the --out folder of autograde (default ./autograde-out)")
+    p.add_argument("--port", type=_positive_int, default=None, metavar="N",
+                   help="port to serve on (default: a free one)")
+    p.set_defaults(func=_formgrader)
 
     p = sub.add_parser("train", help="train the network with a hand-written backward pass",
                        description="Train the exercise-4 network (n_hidden=200) and print "

@@ -28,7 +28,7 @@ import pytest
 from learner import CE, notebook
 
 from backprop_ninja import cli, data
-from backprop_ninja.grading import folders
+from backprop_ninja.grading import course, folders, formgrader
 from backprop_ninja.grading.course import SOLUTIONS
 from backprop_ninja.grading.sandbox import probe
 
@@ -278,6 +278,9 @@ def test_a_relative_out_gets_every_grade_in_grades_csv_and_the_gradebook(graded)
     assert {s: score or 0.0 for s, score in rows} == csv_scores
     assert sorted(p.name for p in (root / "results").iterdir()) == [folders.MARKER, "course", "feedback",
                                                                     "grades.csv"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (root / "results").stat().st_mode & 0o777 == 0o777 & ~umask  # a folder like any other
 
 
 def test_what_a_killed_run_left_is_removed_by_the_next_run(graded):
@@ -388,3 +391,69 @@ def test_a_bad_number_says_what_it_must_be(capsys, argv, says):
 def test_the_readmes_results_folder_is_git_ignored():
     ignored = subprocess.run(["git", "check-ignore", "-q", "results/grades.csv"], cwd=SOLUTIONS.parent)
     assert ignored.returncode == 0
+
+
+# --- the formgrader on what autograde wrote ---------------------------------------------------------
+
+
+def test_formgrader_without_an_autograded_course_is_one_sentence(tmp_path, capsys):
+    err = _one_sentence(capsys, ["formgrader", str(tmp_path / "nowhere")])
+    assert "holds no autograded course" in err and "backprop-ninja autograde SUBMISSIONS --out" in err
+
+
+def test_formgrader_serves_the_course_on_loopback_and_as_root_too(tmp_path):
+    argv = formgrader.lab_command(tmp_path, 8123)
+    assert argv[1] == "lab" and f"--ServerApp.root_dir={tmp_path}" in argv
+    assert "--ServerApp.ip=127.0.0.1" in argv and "--ServerApp.port=8123" in argv
+    assert ("--allow-root" in argv) == (os.geteuid() == 0)
+    assert not [a for a in argv if "token" in a.lower()]  # the token is not shown to `ps`
+
+
+def test_the_course_config_makes_a_course_local_exchange(tmp_path):
+    from traitlets.config.loader import PyFileConfigLoader
+
+    shutil.copy(course.COURSE / "nbgrader_config.py", tmp_path)
+    config = PyFileConfigLoader("nbgrader_config.py", path=str(tmp_path)).load_config()
+    assert config.Exchange.root == str(tmp_path / "exchange")
+    assert (tmp_path / "exchange").is_dir() and (tmp_path / "exchange").stat().st_mode & 0o1777 == 0o1777
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (loopback)
+            return response.status, response.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        return getattr(exc, "code", 0), ""
+
+
+def test_formgrader_opens_on_the_autograded_course_with_a_working_exchange(graded):
+    import json
+    import re
+
+    lab = subprocess.Popen([sys.executable, "-m", "backprop_ninja.cli", "formgrader", "results"],
+                           cwd=graded["root"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = lab.stdout.readline() + lab.stdout.readline()
+        url = re.search(r"(http://127\.0\.0\.1:(\d+)/lab\?formgrader=true&token=(\w+))", first)
+        assert url, first
+        base, token = f"http://127.0.0.1:{url.group(2)}", url.group(3)
+        deadline = time.monotonic() + 90
+        while (status := _get(f"{base}/formgrader/api/assignments?token={token}"))[0] != 200:
+            assert time.monotonic() < deadline and lab.poll() is None, status
+            time.sleep(0.5)
+        (assignment,) = json.loads(status[1])
+        assert assignment["name"] == "backprop" and assignment["releaseable"]  # the exchange exists
+        assert _get(url.group(1))[0] == 200
+        def api(path):
+            return json.loads(_get(f"{base}/formgrader/api/{path}?token={token}")[1])
+
+        assert {s["id"]: s["score"] for s in api("students")} == {"ada": 4.0, "bob": 0.0}
+        ada = next(s["id"] for s in api(f"submitted_notebooks/backprop/{CE}") if s["student"] == "ada")
+        code, page = _get(f"{base}/formgrader/submissions/{ada}/?token={token}")  # open it for review
+        assert code == 200 and "dlogits" in page
+    finally:
+        lab.terminate()
+        lab.wait(timeout=30)

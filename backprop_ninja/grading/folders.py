@@ -189,6 +189,9 @@ class Publication:
             self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.staging-{os.getpid()}-",
                                                  dir=self.out.parent))
             self._staged = True
+            umask = os.umask(0)
+            os.umask(umask)
+            self.staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become --out's mode
         except BaseException:
             self._release()
             raise
