@@ -166,6 +166,23 @@ def test_folders_left_by_killed_runs_are_removed_and_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(made) - {removed[0].name})
 
 
+def test_ctrl_c_while_waiting_for_a_job_kills_it_and_is_not_swallowed():
+    import _thread
+    import threading
+
+    from backprop_ninja.grading import jobs
+
+    group = jobs.JobGroup()
+    threading.Timer(1.0, _thread.interrupt_main).start()  # Ctrl-C, as the terminal sends it
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        jobs.run_process(time.sleep, (60,), timeout=120, group=group)
+    assert time.monotonic() - started < 30 and not group._running
+    group.stop()
+    with pytest.raises(jobs.Stopped):  # a stopped run starts no job
+        jobs.run_process(time.sleep, (0,), timeout=10, group=group)
+
+
 # --- one small class graded for real ---------------------------------------------------------------
 
 
@@ -251,6 +268,8 @@ def graded(tmp_path_factory):
     for student, nb in {"ada": notebook(CE), "bob": notebook(CE, replace=WRONG_CE)}.items():
         (root / "class" / student).mkdir(parents=True)
         nbformat.write(nb, str(root / "class" / student / f"{CE}.ipynb"))
+    # as nbgrader collect leaves it
+    (root / "class" / "ada" / "timestamp.txt").write_text("2026-11-29 10:00:00.000000 UTC\n")
     killed = _start(root, "class", "--out", "results")
     family = _wait_for_a_kernel(killed)
     graded["litter"] = _scratch(killed.pid) + list(root.glob(".results.staging-*"))
@@ -276,6 +295,11 @@ def test_a_relative_out_gets_every_grade_in_grades_csv_and_the_gradebook(graded)
                       "JOIN submitted_assignment AS sa ON submitted_notebook.assignment_id = sa.id "
                       "JOIN student ON sa.student_id = student.id GROUP BY student.id").fetchall()
     assert {s: score or 0.0 for s, score in rows} == csv_scores
+    timestamps = dict(db.execute("SELECT student_id, timestamp FROM submitted_assignment").fetchall())
+    assert timestamps == {"ada": "2026-11-29 10:00:00.000000", "bob": None}
+    submitted = root / "results" / "course" / "submitted"
+    assert sorted(p.relative_to(submitted).as_posix() for p in submitted.rglob("*.*")) == [
+        f"ada/backprop/{CE}.ipynb", "ada/backprop/timestamp.txt", f"bob/backprop/{CE}.ipynb"]
     assert sorted(p.name for p in (root / "results").iterdir()) == [folders.MARKER, "course", "feedback",
                                                                     "grades.csv"]
     umask = os.umask(0)
@@ -429,7 +453,7 @@ def _get(url: str) -> tuple[int, str]:
         return getattr(exc, "code", 0), ""
 
 
-def test_formgrader_opens_on_the_autograded_course_with_a_working_exchange(graded):
+def test_formgrader_shows_the_assignment_released_every_submission_and_opens_one(graded):
     import json
     import re
 
@@ -446,6 +470,7 @@ def test_formgrader_opens_on_the_autograded_course_with_a_working_exchange(grade
             time.sleep(0.5)
         (assignment,) = json.loads(status[1])
         assert assignment["name"] == "backprop" and assignment["releaseable"]  # the exchange exists
+        assert assignment["status"] == "released" and assignment["num_submissions"] == 2
         assert _get(url.group(1))[0] == 200
         def api(path):
             return json.loads(_get(f"{base}/formgrader/api/{path}?token={token}")[1])

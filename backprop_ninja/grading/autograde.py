@@ -148,6 +148,14 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
                 shutil.copytree(src, main_course / name)
             elif src.exists():
                 shutil.copyfile(src, main_course / name)
+        for student, notebooks in students.items():  # what each student handed in, as nbgrader keeps it
+            folder = main_course / "submitted" / student / ASSIGNMENT
+            folder.mkdir(parents=True)
+            for stem, path in notebooks.items():
+                shutil.copyfile(path, folder / f"{stem}.ipynb")
+                if (path.parent / "timestamp.txt").is_file():
+                    shutil.copyfile(path.parent / "timestamp.txt", folder / "timestamp.txt")
+        jobs.record_class(main_course, scratch / "record", list(students), group)
     todo = []
     for student, notebooks in students.items():
         results.results[student] = {}

@@ -4,6 +4,7 @@
     job_dir/            a copy of it, the submission copied in, then ``nbgrader autograde``
                         (the ``steps``: sandboxed kernel, judge) and ``generate_feedback``;
                         writes result.json                                       grade_notebook
+    class course        the assignment released, every submission recorded       record_class
     class gradebook     each job's grades merged one at a time                   merge_grades
 
 A job runs in a process forked from a server that has nbgrader imported already (importing
@@ -183,6 +184,28 @@ def one_line(text: str, width: int = 300) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def record_job(course: str, log_dir: str, students: list[str]) -> None:
+    """Job process: the class course as nbgrader's own apps leave it: the assignment released
+    (into the course's exchange), every student and their submission, with the timestamp of
+    ``submitted/<student>/backprop/timestamp.txt`` where the submission had one."""
+    from nbgrader.api import Gradebook
+    from nbgrader.apps import NbGraderAPI
+
+    course_path = Path(course)
+    _enter_job(Path(log_dir))
+    config = job_config(course_path, Limits(), isolate=False)
+    coursedir = _coursedir(course_path, config)
+    released = NbGraderAPI(coursedir=coursedir, config=config).release_assignment(ASSIGNMENT)
+    if not released["success"]:
+        raise RuntimeError(f"ReleaseError: {one_line(released.get('log') or released.get('error') or '')}")
+    with Gradebook(config.CourseDirectory.db_url) as gb:
+        for student in students:
+            gb.update_or_create_student(student)
+            submitted = course_path / "submitted" / student / ASSIGNMENT
+            timestamp = coursedir.get_existing_timestamp(str(submitted)) if submitted.is_dir() else None
+            gb.update_or_create_submission(ASSIGNMENT, student, timestamp=timestamp)
+
+
 def merge_job(gradebook: str, job_dir: str, student: str, stem: str) -> None:
     """Job process: copy one job's grades into the class gradebook (the caller serialises)."""
     from nbgrader.api import Gradebook, MissingEntry
@@ -196,6 +219,9 @@ def merge_job(gradebook: str, job_dir: str, student: str, stem: str) -> None:
             main.find_submission(ASSIGNMENT, student)
         except MissingEntry:
             main.add_submission(ASSIGNMENT, student)
+        timestamp = job.find_submission(ASSIGNMENT, student).timestamp
+        if timestamp is not None:
+            main.update_or_create_submission(ASSIGNMENT, student, timestamp=timestamp)
         for grade in job.find_submission_notebook(stem, ASSIGNMENT, student).grades:
             target = main.find_grade(grade.name, stem, ASSIGNMENT, student)
             target.auto_score = grade.auto_score
@@ -265,15 +291,15 @@ def run_process(target, args: tuple, timeout: float, group: JobGroup | None = No
     group.start(proc)
     try:
         proc.join(timeout)
-    finally:
-        group.done(proc)
-        if proc.is_alive():
+    finally:  # Ctrl-C while waiting: the job dies, and the interrupt goes on
+        killed = proc.is_alive()
+        if killed:
             proc.kill()
             proc.join()
-            return None  # noqa: B012 - the kill is the answer, whatever interrupted the wait
+        group.done(proc)
     if group.stopped:
         raise Stopped
-    return proc.exitcode
+    return None if killed else proc.exitcode
 
 
 def grade_notebook(template: Path, digest: str, job_dir: Path, student: str, stem: str, notebook: Path,
@@ -292,6 +318,8 @@ def grade_notebook(template: Path, digest: str, job_dir: Path, student: str, ste
         submitted = run_dir / "submitted" / student / ASSIGNMENT
         submitted.mkdir(parents=True)
         shutil.copyfile(notebook, submitted / f"{stem}.ipynb")  # a copy: the learner's file stays as is
+        if (Path(notebook).parent / "timestamp.txt").is_file():  # nbgrader collect's, if any
+            shutil.copyfile(Path(notebook).parent / "timestamp.txt", submitted / "timestamp.txt")
         code = run_process(autograde_job, (str(run_dir), student, stem, asdict(limits), isolate),
                            timeout=max(1.0, limits.notebook_timeout - (time.perf_counter() - started)),
                            group=group)
@@ -320,6 +348,15 @@ def _log_reason(log: Path) -> str:
                and "NbGraderException" not in line]
               or [line for line in lines if "ERROR" in line])
     return one_line(errors[-1] if errors else "no log was written") + "."
+
+
+def record_class(course: Path, log_dir: Path, students: list[str], group: JobGroup | None = None) -> None:
+    """Release the assignment in the class course and record every student's submission."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    code = run_process(record_job, (str(Path(course).resolve()), str(log_dir), students), timeout=300,
+                       group=group)
+    if code != 0:
+        raise UserError(f"recording the class in {course} failed: " + _log_reason(log_dir / "nbgrader.log"))
 
 
 def merge_grades(gradebook: Path, job_dir: Path, student: str, stem: str,
