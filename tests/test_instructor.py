@@ -301,7 +301,7 @@ def test_a_relative_out_gets_every_grade_in_grades_csv_and_the_gradebook(graded)
     assert sorted(p.relative_to(submitted).as_posix() for p in submitted.rglob("*.*")) == [
         f"ada/backprop/{CE}.ipynb", "ada/backprop/timestamp.txt", f"bob/backprop/{CE}.ipynb"]
     assert sorted(p.name for p in (root / "results").iterdir()) == [folders.MARKER, "course", "feedback",
-                                                                    "grades.csv"]
+                                                                    "grades.csv", "notebooks.json"]
     umask = os.umask(0)
     os.umask(umask)
     assert (root / "results").stat().st_mode & 0o777 == 0o777 & ~umask  # a folder like any other
@@ -319,7 +319,9 @@ def test_what_a_killed_run_left_is_removed_by_the_next_run(graded):
 def test_ctrl_c_stops_jobs_and_kernels_within_seconds_and_changes_nothing(graded):
     root = graded["root"]
     published = _tree(root / "results")
-    run = _start(root, "class", "--jobs", "1", "--out", "results")
+    (root / "more" / "cy").mkdir(parents=True)  # a class with a notebook the last run did not grade
+    shutil.copy(root / "class" / "ada" / f"{CE}.ipynb", root / "more" / "cy")
+    run = _start(root, "more", "--jobs", "1", "--out", "results")
     family = _wait_for_a_kernel(run)
     second = _start(root, "class", "--out", "results")
     _, refused = second.communicate(timeout=120)
@@ -335,7 +337,7 @@ def test_ctrl_c_stops_jobs_and_kernels_within_seconds_and_changes_nothing(graded
     assert gone < 10
     assert _tree(root / "results") == published  # the interrupted run published nothing
     assert _scratch(run.pid) == []
-    assert sorted(p.name for p in root.iterdir()) == ["class", "results"]
+    assert sorted(p.name for p in root.iterdir()) == ["class", "more", "results"]
 
 
 # --- every bad input: one sentence, a non-zero exit, no litter ------------------------------------
@@ -482,3 +484,45 @@ def test_formgrader_shows_the_assignment_released_every_submission_and_opens_one
     finally:
         lab.terminate()
         lab.wait(timeout=30)
+
+
+# --- re-grading: a grade is replaced only when its submission changed --------------------------------
+
+
+def _gradebook_scores(db_path: Path) -> dict[str, float]:
+    db = sqlite3.connect(db_path)
+    rows = db.execute("SELECT student.id, SUM(COALESCE(grade.manual_score, grade.auto_score, 0)) FROM grade "
+                      "JOIN submitted_notebook ON grade.notebook_id = submitted_notebook.id "
+                      "JOIN submitted_assignment AS sa ON submitted_notebook.assignment_id = sa.id "
+                      "JOIN student ON sa.student_id = student.id GROUP BY student.id").fetchall()
+    db.close()
+    return dict(rows)
+
+
+def test_a_second_run_regrades_only_what_changed_and_keeps_manual_grades(graded):
+    """Runs last: it changes the class's results (bob hands in a fixed notebook)."""
+    root = graded["root"]
+    course = root / "results" / "course"
+    ada_autograded = (course / "autograded" / "ada" / "backprop" / f"{CE}.ipynb").read_bytes()
+    db = sqlite3.connect(course / "gradebook.db")  # the instructor takes a point off ada by hand
+    (cell_id, points), = db.execute(
+        "SELECT grade.id, grade_cells.max_score FROM grade "
+        "JOIN grade_cells ON grade.cell_id = grade_cells.id "
+        "JOIN submitted_notebook ON grade.notebook_id = submitted_notebook.id "
+        "JOIN notebook ON submitted_notebook.notebook_id = notebook.id "
+        "JOIN submitted_assignment AS sa ON submitted_notebook.assignment_id = sa.id "
+        "WHERE sa.student_id = 'ada' AND notebook.name = ? AND grade_cells.max_score > 0 LIMIT 1",
+        (CE,)).fetchall()
+    db.execute("UPDATE grade SET manual_score = ? WHERE id = ?", (points - 1, cell_id))
+    db.commit()
+    db.close()
+    nbformat.write(notebook(CE), str(root / "class" / "bob" / f"{CE}.ipynb"))  # bob fixes his sign
+    run = _start(root, "class", "--out", "results")
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr
+    assert (f"1 notebook(s) unchanged since the last run in results kept their grades; "
+            f"1 changed and graded again: bob/{CE}.") in stdout
+    with open(root / "results" / "grades.csv") as f:
+        totals = {r["student_id"]: float(r["total"]) for r in csv.DictReader(f)}
+    assert totals == {"ada": 3.0, "bob": 4.0} == _gradebook_scores(course / "gradebook.db")
+    assert (course / "autograded" / "ada" / "backprop" / f"{CE}.ipynb").read_bytes() == ada_autograded

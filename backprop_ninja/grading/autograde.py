@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import html
 import json
 import os
@@ -40,6 +41,7 @@ from backprop_ninja.grading.jobs import NotebookResult
 from backprop_ninja.grading.sandbox import Limits, probe
 
 LEARNER = "learner"                     # student id used by ``grade``
+RECORD = "notebooks.json"               # in --out: each graded notebook's SHA-256 and result
 FEEDBACK_DIR = Path("grade-feedback")   # ``grade`` writes <cwd>/grade-feedback/<stem>.html
 
 
@@ -52,6 +54,9 @@ class ClassResults:
     results: dict[str, dict[str, NotebookResult]] = field(default_factory=dict)
     gradebook: Path | None = None
     sandbox: str = "on"
+    earlier: bool = False                # --out held an earlier run's results
+    kept: int = 0                        # notebooks unchanged since then: their grades kept
+    changed: list[str] = field(default_factory=list)  # student/stem changed since then: graded again
 
     def total(self, student: str) -> float:
         return sum(r.score for r in self.results[student].values())
@@ -66,14 +71,18 @@ class ClassResults:
                 for f in r.flags]
 
 
+def submissions_root(submissions: Path) -> Path:
+    """The folder that holds the student folders: ``submitted/`` when given an nbgrader course."""
+    return submissions / "submitted" if (submissions / "submitted").is_dir() else submissions
+
+
 def find_submissions(submissions: Path, stems) -> dict[str, dict[str, Path]]:
     """{student: {stem: notebook}} from one folder per student, or nbgrader's
     ``submitted/<student>/backprop/`` layout (given the course or its submitted/ dir)."""
     root = Path(submissions)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder of student submissions.")
-    if (root / "submitted").is_dir():
-        root = root / "submitted"
+    root = submissions_root(root)
     found: dict[str, dict[str, Path]] = {}
     for student_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         folder = student_dir / ASSIGNMENT if (student_dir / ASSIGNMENT).is_dir() else student_dir
@@ -109,7 +118,8 @@ def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path |
     stems = list(course_notebooks(course))
     students = only if only is not None else find_submissions(submissions, stems)
     with contextlib.ExitStack() as stack:
-        publication = stack.enter_context(Publication(out, submissions)) if out is not None else None
+        publication = None if out is None else \
+            stack.enter_context(Publication(out, submissions and submissions_root(Path(submissions))))
         jobs.warm_up()
         scratch = stack.enter_context(scratch_folder())
         group = jobs.JobGroup()
@@ -172,8 +182,23 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
                 continue
             todo.append((student, stem, notebooks[stem]))
 
-    bar = tqdm(total=len(todo), desc="autograding", unit="notebook", disable=not progress or None)
     unrecorded: list[str] = []
+    shas = {(student, stem): hashlib.sha256(path.read_bytes()).hexdigest() for student, stem, path in todo}
+    earlier = _earlier(publication, digest)
+    if earlier is not None:  # a notebook unchanged since the run in --out keeps its grade
+        results.earlier = True
+        for student, stem, path in list(todo):
+            res = _kept(earlier.get((student, stem)), shas[(student, stem)], publication, scratch, group)
+            if res is None:
+                results.changed += [f"{student}/{stem}"] if (student, stem) in earlier else []
+                continue
+            todo.remove((student, stem, path))
+            results.kept += 1
+            if feedback_to is not None:
+                res.feedback = _save_feedback(res, feedback_to(student, stem))
+            results.results[student][stem] = res
+
+    bar = tqdm(total=len(todo), desc="autograding", unit="notebook", disable=not progress or None)
     pool = ThreadPoolExecutor(max_workers=jobs_at_once)
     try:
         futures = {pool.submit(jobs.grade_notebook, template, digest, scratch / "jobs" / f"{k:04d}",
@@ -185,7 +210,8 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
             res.max_score = res.max_score or results.max_scores[stem]
             if main_course is not None and res.graded:
                 try:
-                    jobs.merge_grades(main_course / "gradebook.db", Path(res.job_dir), student, stem, group)
+                    res.score = jobs.merge_grades(main_course / "gradebook.db", Path(res.job_dir), student,
+                                                  stem, group)
                 except UserError as exc:  # keep grading the class; fail at the end
                     unrecorded.append(str(exc))
                 dest = main_course / "autograded" / student / ASSIGNMENT
@@ -209,10 +235,55 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
                     res.feedback = _save_feedback(res, feedback_to(student, stem))
     if publication is not None:
         write_grades_csv(results, publication.staging / "grades.csv")
+        (publication.staging / RECORD).write_text(json.dumps({"template": digest, "notebooks": [
+            {"student": r.student, "stem": r.stem, "sha256": shas[(r.student, r.stem)], "score": r.score,
+             "max_score": r.max_score, "problem": r.problem, "flags": r.flags, "sandbox": r.sandbox}
+            for per_stem in results.results.values() for r in per_stem.values() if r.graded]}, indent=1))
     if unrecorded:
         raise UserError(f"{len(unrecorded)} grade(s) could not be recorded in the class gradebook, so "
                         f"nothing was published (--out is as it was): {unrecorded[0]}")
     return results
+
+
+def _earlier(publication: Publication | None, digest: str) -> dict | None:
+    """{(student, stem): what it scored} of the run published in --out, when that run graded
+    with this very template (hidden tests changed: everything is graded again); else None."""
+    if publication is None:
+        return None
+    try:
+        record = json.loads((publication.out / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("template") != digest:
+        return None
+    return {(n["student"], n["stem"]): n for n in record["notebooks"]}
+
+
+def _kept(entry: dict | None, sha: str, publication: Publication, scratch: Path,
+          group: jobs.JobGroup) -> NotebookResult | None:
+    """The earlier run's result for a notebook whose bytes did not change, its grades (manual
+    ones and comments too) copied into this run's gradebook; None when it must be graded."""
+    if entry is None or entry["sha256"] != sha:
+        return None
+    student, stem = entry["student"], entry["stem"]
+    before = publication.out / "course"
+    autograded = before / "autograded" / student / ASSIGNMENT / f"{stem}.ipynb"
+    if not autograded.is_file() or not (before / "gradebook.db").is_file():
+        return None
+    course = publication.staging / "course"
+    res = NotebookResult(student, stem, max_score=entry["max_score"], problem=entry["problem"],
+                         flags=entry["flags"], sandbox=entry["sandbox"], graded=True, kept=True)
+    try:
+        res.score = jobs.merge_grades(course / "gradebook.db", scratch / "kept" / f"{student}-{stem}",
+                                      student, stem, group, source=before / "gradebook.db")
+    except UserError:  # the earlier gradebook does not have it after all: grade it again
+        return None
+    dest = course / "autograded" / student / ASSIGNMENT
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(autograded, dest / f"{stem}.ipynb")
+    feedback = publication.out / "feedback" / student / f"{stem}.html"
+    res.feedback = str(feedback) if feedback.is_file() else None
+    return res
 
 
 def _save_feedback(res: NotebookResult, dest: Path) -> str:
@@ -251,6 +322,10 @@ def run_autograde(submissions: str, jobs_at_once: int = 1, out: str = "autograde
                         "--no-sandbox to grade without isolation (only for submissions you trust).")
     results = autograde_class(Path(submissions), jobs_at_once=jobs_at_once, out=Path(out),
                               isolate=not no_sandbox)
+    if results.earlier:
+        changed = ", ".join(results.changed[:5]) + (" ..." if len(results.changed) > 5 else "")
+        print(f"{results.kept} notebook(s) unchanged since the last run in {out} kept their grades; "
+              f"{len(results.changed)} changed and graded again{': ' + changed if changed else ''}.")
     flagged = sum(bool(results.flags(s)) for s in results.results)
     print(f"{len(results.results)} students graded (sandbox {results.sandbox}); "
           f"{flagged} flagged for review: "

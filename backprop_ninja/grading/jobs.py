@@ -61,6 +61,7 @@ class NotebookResult:
     graded: bool = False                # nbgrader autograded it (False: missing/unreadable/killed)
     seconds: float = 0.0                # wall-clock time of its grading job
     job_dir: str | None = None          # where nbgrader ran (inside the scratch dir)
+    kept: bool = False                  # unchanged since the last run: its grade was kept
 
 
 # --------------------------------------------------------------------------- inside a job process
@@ -206,13 +207,14 @@ def record_job(course: str, log_dir: str, students: list[str]) -> None:
             gb.update_or_create_submission(ASSIGNMENT, student, timestamp=timestamp)
 
 
-def merge_job(gradebook: str, job_dir: str, student: str, stem: str) -> None:
-    """Job process: copy one job's grades into the class gradebook (the caller serialises)."""
+def merge_job(gradebook: str, job_dir: str, student: str, stem: str, source: str | None = None) -> None:
+    """Job process: copy one job's grades (or those of ``source``, an earlier run's gradebook:
+    manual scores and comments too) into the class gradebook (the caller serialises)."""
     from nbgrader.api import Gradebook, MissingEntry
 
     job_path, gradebook_path = Path(job_dir), Path(gradebook).resolve()
     _enter_job(job_path)
-    with Gradebook(f"sqlite:///{job_path / 'gradebook.db'}") as job, \
+    with Gradebook(f"sqlite:///{source or job_path / 'gradebook.db'}") as job, \
             Gradebook(f"sqlite:///{gradebook_path}") as main:
         main.update_or_create_student(student)
         try:
@@ -227,7 +229,12 @@ def merge_job(gradebook: str, job_dir: str, student: str, stem: str) -> None:
             target.auto_score = grade.auto_score
             target.manual_score = grade.manual_score
             target.needs_manual_grade = grade.needs_manual_grade
+        for comment in job.find_submission_notebook(stem, ASSIGNMENT, student).comments:
+            target = main.find_comment(comment.name, stem, ASSIGNMENT, student)
+            target.auto_comment, target.manual_comment = comment.auto_comment, comment.manual_comment
         main.db.commit()
+        score = float(main.find_submission_notebook(stem, ASSIGNMENT, student).score)
+    (job_path / "merged.json").write_text(json.dumps({"score": score}))
 
 
 # --------------------------------------------------------------------------- from the caller
@@ -360,13 +367,16 @@ def record_class(course: Path, log_dir: Path, students: list[str], group: JobGro
 
 
 def merge_grades(gradebook: Path, job_dir: Path, student: str, stem: str,
-                 group: JobGroup | None = None) -> None:
-    """Merge one job's grades into the class gradebook, in a job process. One caller at a time."""
-    code = run_process(merge_job, (str(Path(gradebook).resolve()), str(job_dir), student, stem), timeout=300,
-                       group=group)
-    if code != 0:
+                 group: JobGroup | None = None, source: Path | None = None) -> float:
+    """Merge one job's grades (or ``source``'s) into the class gradebook, in a job process;
+    the notebook's score there. One caller at a time."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    code = run_process(merge_job, (str(Path(gradebook).resolve()), str(job_dir), student, stem,
+                                   source and str(Path(source).resolve())), timeout=300, group=group)
+    if code != 0 or not (job_dir / "merged.json").is_file():
         raise UserError(f"recording {student}/{stem} in {gradebook} failed: "
                         + _log_reason(job_dir / "nbgrader.log"))
+    return json.loads((job_dir / "merged.json").read_text())["score"]
 
 
 def release(scratch: Path, course: Path, group: JobGroup | None = None) -> Path:
