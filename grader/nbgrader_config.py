@@ -4,6 +4,17 @@ c = get_config()  # noqa: F821  (nbgrader injects get_config)
 
 c.CourseDirectory.course_id = "backprop-ninja"
 
+# The exchange (release_assignment, fetch_assignment, submit, collect) is this course's own
+# exchange/ folder, made here on first use, so nothing needs /usr/local/share or root; a copy
+# of the course (autograde's --out DIR/course) has its own. World-writable and sticky like
+# /tmp, as nbgrader's exchange must be for students on the same machine.
+import os  # noqa: E402
+
+c.Exchange.root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exchange")
+if not os.path.isdir(c.Exchange.root):
+    os.makedirs(c.Exchange.root, exist_ok=True)
+    os.chmod(c.Exchange.root, 0o1777)
+
 # A learner's solution cell becomes this stub in the released notebooks.
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 

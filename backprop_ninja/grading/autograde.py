@@ -13,14 +13,14 @@ Like any multiprocessing program, a script that calls ``autograde_class`` needs 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import html
 import json
 import os
 import shutil
-import tempfile
 import textwrap
-import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +36,12 @@ from backprop_ninja.grading.course import (
     keep_template,
     read_notebook,
 )
+from backprop_ninja.grading.folders import Publication, scratch_folder
 from backprop_ninja.grading.jobs import NotebookResult
 from backprop_ninja.grading.sandbox import Limits, probe
 
 LEARNER = "learner"                     # student id used by ``grade``
+RECORD = "notebooks.json"               # in --out: each graded notebook's SHA-256 and result
 FEEDBACK_DIR = Path("grade-feedback")   # ``grade`` writes <cwd>/grade-feedback/<stem>.html
 
 
@@ -52,6 +54,9 @@ class ClassResults:
     results: dict[str, dict[str, NotebookResult]] = field(default_factory=dict)
     gradebook: Path | None = None
     sandbox: str = "on"
+    earlier: bool = False                # --out held an earlier run's results
+    kept: int = 0                        # notebooks unchanged since then: their grades kept
+    changed: list[str] = field(default_factory=list)  # student/stem changed since then: graded again
 
     def total(self, student: str) -> float:
         return sum(r.score for r in self.results[student].values())
@@ -66,14 +71,18 @@ class ClassResults:
                 for f in r.flags]
 
 
+def submissions_root(submissions: Path) -> Path:
+    """The folder that holds the student folders: ``submitted/`` when given an nbgrader course."""
+    return submissions / "submitted" if (submissions / "submitted").is_dir() else submissions
+
+
 def find_submissions(submissions: Path, stems) -> dict[str, dict[str, Path]]:
     """{student: {stem: notebook}} from one folder per student, or nbgrader's
     ``submitted/<student>/backprop/`` layout (given the course or its submitted/ dir)."""
     root = Path(submissions)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder of student submissions.")
-    if (root / "submitted").is_dir():
-        root = root / "submitted"
+    root = submissions_root(root)
     found: dict[str, dict[str, Path]] = {}
     for student_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         folder = student_dir / ASSIGNMENT if (student_dir / ASSIGNMENT).is_dir() else student_dir
@@ -87,8 +96,8 @@ def find_submissions(submissions: Path, stems) -> dict[str, dict[str, Path]]:
     return found
 
 
-def _template(scratch: Path, course: Path) -> tuple[Path, str]:
-    return cached_template(course) or keep_template(jobs.release(scratch, course), course)
+def _template(scratch: Path, course: Path, group: jobs.JobGroup) -> tuple[Path, str]:
+    return cached_template(course) or keep_template(jobs.release(scratch, course, group), course)
 
 
 def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path | None = Path("autograde-out"),
@@ -99,92 +108,182 @@ def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path |
 
     With ``out``: ``out/grades.csv``, ``out/feedback/<student>/<stem>.html`` and ``out/course/``
     (an nbgrader course: gradebook.db with every grade, autograded/, so ``nbgrader export``
-    and the formgrader work on it). ``only`` replaces the folder scan (``grade`` passes the
-    learner's files); ``feedback_to(student, stem)`` replaces where each HTML feedback is
-    kept (the scratch directory is deleted). ``isolate``: sandbox every kernel where
-    ``sandbox.probe()`` allows it.
+    and the formgrader work on it), built beside ``out`` and published at the end in one
+    rename (``folders.Publication``: ``out`` is checked and locked first). ``only`` replaces
+    the folder scan (``grade`` passes the learner's files); ``feedback_to(student, stem)``
+    replaces where each HTML feedback is kept (the scratch directory is deleted). ``isolate``:
+    sandbox every kernel where ``sandbox.probe()`` allows it. On Ctrl-C no job starts any
+    more, running ones are killed with their kernels, and the scratch folder is removed.
     """
-    from tqdm import tqdm
-
-    jobs.warm_up()
     stems = list(course_notebooks(course))
     students = only if only is not None else find_submissions(submissions, stems)
-    isolate = isolate and probe() is None
-    limits = limits or Limits()
-    with tempfile.TemporaryDirectory(prefix="backprop-ninja-grading-") as tmp:
-        scratch = Path(tmp)
-        template, digest = _template(scratch, course)
-        results = ClassResults(stems=stems, max_scores=json.loads((template / "max_scores.json").read_text()),
-                               sandbox="on" if isolate else f"off ({probe() or 'not asked for'})")
-        main_course = None
-        if feedback_to is None and out is not None:
-            feedback_to = lambda student, stem: Path(out) / "feedback" / student / f"{stem}.html"  # noqa: E731
-        if out is not None:
-            out = Path(out)
-            main_course = out / "course"
-            for stale in (main_course, out / "feedback"):  # this run's results only
-                if stale.exists():
-                    shutil.rmtree(stale)
-            main_course.mkdir(parents=True)
-            for name in ("nbgrader_config.py", "gradebook.db", "source", "release"):
-                src = template / name
-                if src.is_dir():
-                    shutil.copytree(src, main_course / name)
-                elif src.exists():
-                    shutil.copyfile(src, main_course / name)
-            results.gradebook = main_course / "gradebook.db"
-        todo = []
-        for student, notebooks in students.items():
-            results.results[student] = {}
-            for stem in stems:
-                res = NotebookResult(student, stem, max_score=results.max_scores[stem])
-                results.results[student][stem] = res
-                if stem not in notebooks:
-                    res.problem = "not submitted."
-                    continue
-                try:
-                    read_notebook(notebooks[stem])
-                except UserError as exc:
-                    res.problem = str(exc)
-                    continue
-                todo.append((student, stem, notebooks[stem]))
-
-        bar = tqdm(total=len(todo), desc="autograding", unit="notebook", disable=not progress or None)
-        lock = threading.Lock()
-        unrecorded: list[str] = []
-        with ThreadPoolExecutor(max_workers=jobs_at_once) as pool:
-            futures = {pool.submit(jobs.grade_notebook, template, digest, scratch / "jobs" / f"{k:04d}",
-                                   student, stem, path, limits, isolate): (student, stem)
-                       for k, (student, stem, path) in enumerate(todo)}
-            for fut in as_completed(futures):
-                student, stem = futures[fut]
-                res = fut.result()
-                res.max_score = res.max_score or results.max_scores[stem]
-                with lock:  # one writer to the class gradebook, ever
-                    if main_course is not None and res.graded:
-                        try:
-                            jobs.merge_grades(main_course / "gradebook.db", Path(res.job_dir), student, stem)
-                        except UserError as exc:  # keep grading the class; fail at the end
-                            unrecorded.append(str(exc))
-                        dest = main_course / "autograded" / student / ASSIGNMENT
-                        dest.mkdir(parents=True, exist_ok=True)
-                        shutil.copyfile(res.autograded, dest / f"{stem}.ipynb")
-                    if feedback_to is not None:
-                        res.feedback = _save_feedback(res, feedback_to(student, stem))
-                results.results[student][stem] = res
-                bar.update(1)
-        bar.close()
-        if feedback_to is not None:  # the notebooks that were never run get a note too
-            for student, per_stem in results.results.items():
-                for stem, res in per_stem.items():
-                    if res.feedback is None and (only is None or stem in students[student]):
-                        res.feedback = _save_feedback(res, feedback_to(student, stem))
-        if out is not None:
-            write_grades_csv(results, out / "grades.csv")
-        if unrecorded:
-            raise UserError(f"{len(unrecorded)} grade(s) could not be recorded in the class gradebook "
-                            f"(grades.csv has them): {unrecorded[0]}")
+    with contextlib.ExitStack() as stack:
+        publication = None if out is None else \
+            stack.enter_context(Publication(out, submissions and submissions_root(Path(submissions))))
+        jobs.warm_up()
+        scratch = stack.enter_context(scratch_folder())
+        group = jobs.JobGroup()
+        stack.callback(group.stop)  # whatever ends the run (Ctrl-C too) ends its jobs first
+        results = _grade_class(students, stems, scratch, group, publication, jobs_at_once, limits or Limits(),
+                               course, progress, only, feedback_to, isolate and probe() is None)
+        if publication is not None:
+            publication.publish()
+            results.gradebook = publication.out / "course" / "gradebook.db"
+            for per_stem in results.results.values():
+                for res in per_stem.values():
+                    if res.feedback and Path(res.feedback).is_relative_to(publication.staging):
+                        res.feedback = str(publication.final(res.feedback))
         return results
+
+
+def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publication: Publication | None,
+                 jobs_at_once: int, limits: Limits, course: Path, progress: bool, only, feedback_to,
+                 isolate: bool) -> ClassResults:
+    """Grade into ``scratch``; the class's results (with ``publication``) into its staging folder."""
+    from tqdm import tqdm
+
+    template, digest = _template(scratch, course, group)
+    results = ClassResults(stems=stems, max_scores=json.loads((template / "max_scores.json").read_text()),
+                           sandbox="on" if isolate else f"off ({probe() or 'not asked for'})")
+    main_course = None
+    if publication is not None:
+        staged = publication.staging
+        if feedback_to is None:
+            feedback_to = lambda student, stem: staged / "feedback" / student / f"{stem}.html"  # noqa: E731
+        main_course = staged / "course"
+        main_course.mkdir()
+        for name in ("nbgrader_config.py", "gradebook.db", "source", "release"):
+            src = template / name
+            if src.is_dir():
+                shutil.copytree(src, main_course / name)
+            elif src.exists():
+                shutil.copyfile(src, main_course / name)
+        for student, notebooks in students.items():  # what each student handed in, as nbgrader keeps it
+            folder = main_course / "submitted" / student / ASSIGNMENT
+            folder.mkdir(parents=True)
+            for stem, path in notebooks.items():
+                shutil.copyfile(path, folder / f"{stem}.ipynb")
+                if (path.parent / "timestamp.txt").is_file():
+                    shutil.copyfile(path.parent / "timestamp.txt", folder / "timestamp.txt")
+        jobs.record_class(main_course, scratch / "record", list(students), group)
+    todo = []
+    for student, notebooks in students.items():
+        results.results[student] = {}
+        for stem in stems:
+            res = NotebookResult(student, stem, max_score=results.max_scores[stem])
+            results.results[student][stem] = res
+            if stem not in notebooks:
+                res.problem = "not submitted."
+                continue
+            try:
+                read_notebook(notebooks[stem])
+            except UserError as exc:
+                res.problem = str(exc)
+                continue
+            todo.append((student, stem, notebooks[stem]))
+
+    unrecorded: list[str] = []
+    shas = {(student, stem): hashlib.sha256(path.read_bytes()).hexdigest() for student, stem, path in todo}
+    earlier = _earlier(publication, digest)
+    if earlier is not None:  # a notebook unchanged since the run in --out keeps its grade
+        results.earlier = True
+        for student, stem, path in list(todo):
+            res = _kept(earlier.get((student, stem)), shas[(student, stem)], publication, scratch, group)
+            if res is None:
+                results.changed += [f"{student}/{stem}"] if (student, stem) in earlier else []
+                continue
+            todo.remove((student, stem, path))
+            results.kept += 1
+            if feedback_to is not None:
+                res.feedback = _save_feedback(res, feedback_to(student, stem))
+            results.results[student][stem] = res
+
+    bar = tqdm(total=len(todo), desc="autograding", unit="notebook", disable=not progress or None)
+    pool = ThreadPoolExecutor(max_workers=jobs_at_once)
+    try:
+        futures = {pool.submit(jobs.grade_notebook, template, digest, scratch / "jobs" / f"{k:04d}",
+                               student, stem, path, limits, isolate, group): (student, stem)
+                   for k, (student, stem, path) in enumerate(todo)}
+        for fut in as_completed(futures):  # this thread is the one writer to the class gradebook
+            student, stem = futures[fut]
+            res = fut.result()
+            res.max_score = res.max_score or results.max_scores[stem]
+            if main_course is not None and res.graded:
+                try:
+                    res.score = jobs.merge_grades(main_course / "gradebook.db", Path(res.job_dir), student,
+                                                  stem, group)
+                except UserError as exc:  # keep grading the class; fail at the end
+                    unrecorded.append(str(exc))
+                dest = main_course / "autograded" / student / ASSIGNMENT
+                dest.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(res.autograded, dest / f"{stem}.ipynb")
+            if feedback_to is not None:
+                res.feedback = _save_feedback(res, feedback_to(student, stem))
+            results.results[student][stem] = res
+            bar.update(1)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # queued jobs never start
+        group.stop()                                    # running ones die with their kernels
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        bar.close()
+    if feedback_to is not None:  # the notebooks that were never run get a note too
+        for student, per_stem in results.results.items():
+            for stem, res in per_stem.items():
+                if res.feedback is None and (only is None or stem in students[student]):
+                    res.feedback = _save_feedback(res, feedback_to(student, stem))
+    if publication is not None:
+        write_grades_csv(results, publication.staging / "grades.csv")
+        (publication.staging / RECORD).write_text(json.dumps({"template": digest, "notebooks": [
+            {"student": r.student, "stem": r.stem, "sha256": shas[(r.student, r.stem)], "score": r.score,
+             "max_score": r.max_score, "problem": r.problem, "flags": r.flags, "sandbox": r.sandbox}
+            for per_stem in results.results.values() for r in per_stem.values() if r.graded]}, indent=1))
+    if unrecorded:
+        raise UserError(f"{len(unrecorded)} grade(s) could not be recorded in the class gradebook, so "
+                        f"nothing was published (--out is as it was): {unrecorded[0]}")
+    return results
+
+
+def _earlier(publication: Publication | None, digest: str) -> dict | None:
+    """{(student, stem): what it scored} of the run published in --out, when that run graded
+    with this very template (hidden tests changed: everything is graded again); else None."""
+    if publication is None:
+        return None
+    try:
+        record = json.loads((publication.out / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("template") != digest:
+        return None
+    return {(n["student"], n["stem"]): n for n in record["notebooks"]}
+
+
+def _kept(entry: dict | None, sha: str, publication: Publication, scratch: Path,
+          group: jobs.JobGroup) -> NotebookResult | None:
+    """The earlier run's result for a notebook whose bytes did not change, its grades (manual
+    ones and comments too) copied into this run's gradebook; None when it must be graded."""
+    if entry is None or entry["sha256"] != sha:
+        return None
+    student, stem = entry["student"], entry["stem"]
+    before = publication.out / "course"
+    autograded = before / "autograded" / student / ASSIGNMENT / f"{stem}.ipynb"
+    if not autograded.is_file() or not (before / "gradebook.db").is_file():
+        return None
+    course = publication.staging / "course"
+    res = NotebookResult(student, stem, max_score=entry["max_score"], problem=entry["problem"],
+                         flags=entry["flags"], sandbox=entry["sandbox"], graded=True, kept=True)
+    try:
+        res.score = jobs.merge_grades(course / "gradebook.db", scratch / "kept" / f"{student}-{stem}",
+                                      student, stem, group, source=before / "gradebook.db")
+    except UserError:  # the earlier gradebook does not have it after all: grade it again
+        return None
+    dest = course / "autograded" / student / ASSIGNMENT
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(autograded, dest / f"{stem}.ipynb")
+    feedback = publication.out / "feedback" / student / f"{stem}.html"
+    res.feedback = str(feedback) if feedback.is_file() else None
+    return res
 
 
 def _save_feedback(res: NotebookResult, dest: Path) -> str:
@@ -223,6 +322,10 @@ def run_autograde(submissions: str, jobs_at_once: int = 1, out: str = "autograde
                         "--no-sandbox to grade without isolation (only for submissions you trust).")
     results = autograde_class(Path(submissions), jobs_at_once=jobs_at_once, out=Path(out),
                               isolate=not no_sandbox)
+    if results.earlier:
+        changed = ", ".join(results.changed[:5]) + (" ..." if len(results.changed) > 5 else "")
+        print(f"{results.kept} notebook(s) unchanged since the last run in {out} kept their grades; "
+              f"{len(results.changed)} changed and graded again{': ' + changed if changed else ''}.")
     flagged = sum(bool(results.flags(s)) for s in results.results)
     print(f"{len(results.results)} students graded (sandbox {results.sandbox}); "
           f"{flagged} flagged for review: "

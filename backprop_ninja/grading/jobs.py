@@ -4,23 +4,29 @@
     job_dir/            a copy of it, the submission copied in, then ``nbgrader autograde``
                         (the ``steps``: sandboxed kernel, judge) and ``generate_feedback``;
                         writes result.json                                       grade_notebook
+    class course        the assignment released, every submission recorded       record_class
     class gradebook     each job's grades merged one at a time                   merge_grades
 
 A job runs in a process forked from a server that has nbgrader imported already (importing
 it costs seconds; the calling process never imports it), so N jobs are N notebooks executing
 at once, and a job that outlives its wall-clock limit is killed; its kernel dies with it
-(the sandbox's ``--die-with-parent``). SQLite is only written by one process at a time:
+(the sandbox's ``--die-with-parent``). A run's jobs form a ``JobGroup``: on Ctrl-C it kills
+the running ones and starts no other; a run killed outright takes its job server with it,
+and every job dies with the server. SQLite is only written by one process at a time:
 each job has its own gradebook and the caller merges them one by one.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -55,14 +61,18 @@ class NotebookResult:
     graded: bool = False                # nbgrader autograded it (False: missing/unreadable/killed)
     seconds: float = 0.0                # wall-clock time of its grading job
     job_dir: str | None = None          # where nbgrader ran (inside the scratch dir)
+    kept: bool = False                  # unchanged since the last run: its grade was kept
 
 
 # --------------------------------------------------------------------------- inside a job process
 
 
 def _enter_job(root: Path) -> None:
-    """Inside a job process: work in ``root``; nbgrader's log and stray output go to a file
-    there; nbgrader finds ``alembic`` (it runs it) even when the venv is not activated."""
+    """Inside a job process: die with the job server (it dies with the run, even a run killed
+    outright, so no job grades on for nobody); work in ``root``; nbgrader's log and stray output
+    go to a file there; nbgrader finds ``alembic`` (it runs it) even when the venv is not activated."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     os.chdir(root)
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     log = open(root / "nbgrader.log", "a")  # noqa: SIM115 (lives as long as the process)
@@ -175,25 +185,56 @@ def one_line(text: str, width: int = 300) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def merge_job(gradebook: str, job_dir: str, student: str, stem: str) -> None:
-    """Job process: copy one job's grades into the class gradebook (the caller serialises)."""
+def record_job(course: str, log_dir: str, students: list[str]) -> None:
+    """Job process: the class course as nbgrader's own apps leave it: the assignment released
+    (into the course's exchange), every student and their submission, with the timestamp of
+    ``submitted/<student>/backprop/timestamp.txt`` where the submission had one."""
+    from nbgrader.api import Gradebook
+    from nbgrader.apps import NbGraderAPI
+
+    course_path = Path(course)
+    _enter_job(Path(log_dir))
+    config = job_config(course_path, Limits(), isolate=False)
+    coursedir = _coursedir(course_path, config)
+    released = NbGraderAPI(coursedir=coursedir, config=config).release_assignment(ASSIGNMENT)
+    if not released["success"]:
+        raise RuntimeError(f"ReleaseError: {one_line(released.get('log') or released.get('error') or '')}")
+    with Gradebook(config.CourseDirectory.db_url) as gb:
+        for student in students:
+            gb.update_or_create_student(student)
+            submitted = course_path / "submitted" / student / ASSIGNMENT
+            timestamp = coursedir.get_existing_timestamp(str(submitted)) if submitted.is_dir() else None
+            gb.update_or_create_submission(ASSIGNMENT, student, timestamp=timestamp)
+
+
+def merge_job(gradebook: str, job_dir: str, student: str, stem: str, source: str | None = None) -> None:
+    """Job process: copy one job's grades (or those of ``source``, an earlier run's gradebook:
+    manual scores and comments too) into the class gradebook (the caller serialises)."""
     from nbgrader.api import Gradebook, MissingEntry
 
     job_path, gradebook_path = Path(job_dir), Path(gradebook).resolve()
     _enter_job(job_path)
-    with Gradebook(f"sqlite:///{job_path / 'gradebook.db'}") as job, \
+    with Gradebook(f"sqlite:///{source or job_path / 'gradebook.db'}") as job, \
             Gradebook(f"sqlite:///{gradebook_path}") as main:
         main.update_or_create_student(student)
         try:
             main.find_submission(ASSIGNMENT, student)
         except MissingEntry:
             main.add_submission(ASSIGNMENT, student)
+        timestamp = job.find_submission(ASSIGNMENT, student).timestamp
+        if timestamp is not None:
+            main.update_or_create_submission(ASSIGNMENT, student, timestamp=timestamp)
         for grade in job.find_submission_notebook(stem, ASSIGNMENT, student).grades:
             target = main.find_grade(grade.name, stem, ASSIGNMENT, student)
             target.auto_score = grade.auto_score
             target.manual_score = grade.manual_score
             target.needs_manual_grade = grade.needs_manual_grade
+        for comment in job.find_submission_notebook(stem, ASSIGNMENT, student).comments:
+            target = main.find_comment(comment.name, stem, ASSIGNMENT, student)
+            target.auto_comment, target.manual_comment = comment.auto_comment, comment.manual_comment
         main.db.commit()
+        score = float(main.find_submission_notebook(stem, ASSIGNMENT, student).score)
+    (job_path / "merged.json").write_text(json.dumps({"score": score}))
 
 
 # --------------------------------------------------------------------------- from the caller
@@ -218,23 +259,58 @@ def warm_up() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
-def run_process(target, args: tuple, timeout: float) -> int | None:
+class Stopped(Exception):
+    """The run was stopped (Ctrl-C): no job process starts any more."""
+
+
+class JobGroup:
+    """The job processes of one run. ``stop()`` kills those running (their sandboxed kernels
+    die with them) and refuses to start any other, so Ctrl-C takes effect at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: set = set()
+        self.stopped = False
+
+    def start(self, proc) -> None:
+        with self._lock:
+            if self.stopped:
+                raise Stopped
+            proc.start()
+            self._running.add(proc)
+
+    def done(self, proc) -> None:
+        with self._lock:
+            self._running.discard(proc)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            for proc in self._running:
+                proc.kill()
+
+
+def run_process(target, args: tuple, timeout: float, group: JobGroup | None = None) -> int | None:
     """Run ``target(*args)`` in a job process; exit code, or None when it was killed at ``timeout``
-    (its sandboxed kernel dies with it)."""
+    (its sandboxed kernel dies with it). Raises ``Stopped`` once ``group`` is stopped."""
+    group = group or JobGroup()
     proc = _context().Process(target=target, args=args, daemon=True)
-    proc.start()
+    group.start(proc)
     try:
         proc.join(timeout)
-    finally:
-        if proc.is_alive():
+    finally:  # Ctrl-C while waiting: the job dies, and the interrupt goes on
+        killed = proc.is_alive()
+        if killed:
             proc.kill()
             proc.join()
-            return None  # noqa: B012 - the kill is the answer, whatever interrupted the wait
-    return proc.exitcode
+        group.done(proc)
+    if group.stopped:
+        raise Stopped
+    return None if killed else proc.exitcode
 
 
 def grade_notebook(template: Path, digest: str, job_dir: Path, student: str, stem: str, notebook: Path,
-                   limits: Limits, isolate: bool) -> NotebookResult:
+                   limits: Limits, isolate: bool, group: JobGroup | None = None) -> NotebookResult:
     """Autograde one submitted notebook in ``job_dir`` (a verified copy of the template).
 
     A job that fails without reaching its wall-clock limit (nbgrader raised, e.g. a kernel
@@ -249,8 +325,11 @@ def grade_notebook(template: Path, digest: str, job_dir: Path, student: str, ste
         submitted = run_dir / "submitted" / student / ASSIGNMENT
         submitted.mkdir(parents=True)
         shutil.copyfile(notebook, submitted / f"{stem}.ipynb")  # a copy: the learner's file stays as is
+        if (Path(notebook).parent / "timestamp.txt").is_file():  # nbgrader collect's, if any
+            shutil.copyfile(Path(notebook).parent / "timestamp.txt", submitted / "timestamp.txt")
         code = run_process(autograde_job, (str(run_dir), student, stem, asdict(limits), isolate),
-                           timeout=max(1.0, limits.notebook_timeout - (time.perf_counter() - started)))
+                           timeout=max(1.0, limits.notebook_timeout - (time.perf_counter() - started)),
+                           group=group)
         result.job_dir = str(run_dir)
         if code is None or (code == 0 and (run_dir / "result.json").exists()):
             break
@@ -278,15 +357,29 @@ def _log_reason(log: Path) -> str:
     return one_line(errors[-1] if errors else "no log was written") + "."
 
 
-def merge_grades(gradebook: Path, job_dir: Path, student: str, stem: str) -> None:
-    """Merge one job's grades into the class gradebook, in a job process. One caller at a time."""
-    code = run_process(merge_job, (str(Path(gradebook).resolve()), str(job_dir), student, stem), timeout=300)
+def record_class(course: Path, log_dir: Path, students: list[str], group: JobGroup | None = None) -> None:
+    """Release the assignment in the class course and record every student's submission."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    code = run_process(record_job, (str(Path(course).resolve()), str(log_dir), students), timeout=300,
+                       group=group)
     if code != 0:
+        raise UserError(f"recording the class in {course} failed: " + _log_reason(log_dir / "nbgrader.log"))
+
+
+def merge_grades(gradebook: Path, job_dir: Path, student: str, stem: str,
+                 group: JobGroup | None = None, source: Path | None = None) -> float:
+    """Merge one job's grades (or ``source``'s) into the class gradebook, in a job process;
+    the notebook's score there. One caller at a time."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    code = run_process(merge_job, (str(Path(gradebook).resolve()), str(job_dir), student, stem,
+                                   source and str(Path(source).resolve())), timeout=300, group=group)
+    if code != 0 or not (job_dir / "merged.json").is_file():
         raise UserError(f"recording {student}/{stem} in {gradebook} failed: "
                         + _log_reason(job_dir / "nbgrader.log"))
+    return json.loads((job_dir / "merged.json").read_text())["score"]
 
 
-def release(scratch: Path, course: Path) -> Path:
+def release(scratch: Path, course: Path, group: JobGroup | None = None) -> Path:
     """``nbgrader generate_assignment`` on a copy of ``course`` in ``scratch``; the released template."""
     template = scratch / "template"
     template.mkdir(parents=True)
@@ -294,7 +387,7 @@ def release(scratch: Path, course: Path) -> Path:
         shutil.copy2(course / "nbgrader_config.py", template / "nbgrader_config.py")
     shutil.copytree(course / "source" / ASSIGNMENT, template / "source" / ASSIGNMENT,
                     ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
-    code = run_process(generate_job, (str(template),), timeout=300)
+    code = run_process(generate_job, (str(template),), timeout=300, group=group)
     if code != 0 or not (template / "max_scores.json").exists():
         log = (template / "nbgrader.log").read_text() if (template / "nbgrader.log").exists() else ""
         raise UserError(f"nbgrader generate_assignment failed on {course} "
