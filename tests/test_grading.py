@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import html
+import os
 import re
 import secrets
 import shutil
@@ -48,7 +49,7 @@ from learner import (
     notebook,
 )
 
-from backprop_ninja.grading import autograde, course
+from backprop_ninja.grading import autograde, course, folders
 from backprop_ninja.grading.course import ASSIGNMENT
 from backprop_ninja.grading.sandbox import Limits, probe
 
@@ -302,19 +303,10 @@ def graded(tmp_path_factory):
                 nbformat.write(nb, str(path))
     before = _tree(submissions)
     template = course.cached_template()
-    # The run's scratch folders (and so its kernels' command lines) under a folder of this test's own,
-    # as other tests may be grading at the same time (pytest -n 2); a short one, for the kernels' sockets.
-    scratch = Path(tempfile.mkdtemp(prefix="bn-"))
     started = time.perf_counter()
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(tempfile, "tempdir", str(scratch))
-            results = autograde.autograde_class(tmp, jobs_at_once=JOBS, out=out, limits=LIMITS,
-                                                progress=False)
-        yield {"results": results, "out": out, "seconds": time.perf_counter() - started, "students": students,
-               "submissions": submissions, "before": before, "template": template, "scratch": scratch}
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    results = autograde.autograde_class(tmp, jobs_at_once=JOBS, out=out, limits=LIMITS, progress=False)
+    return {"results": results, "out": out, "seconds": time.perf_counter() - started, "students": students,
+            "submissions": submissions, "before": before, "template": template}
 
 
 def _feedback_text(graded, student, stem) -> str:
@@ -365,8 +357,11 @@ def test_no_process_of_the_run_outlives_it(graded):
     while _processes_with(TOKEN) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _processes_with(TOKEN)
-    assert not _processes_with(str(graded["scratch"]))  # no kernel, sandbox or job of the run
-    assert list(graded["scratch"].iterdir()) == []  # and no scratch folder
+    # The run's scratch folder is named by this process's pid (other pytest workers grade too):
+    # no kernel, sandbox or job of the run is left, and no scratch folder.
+    scratch = f"{folders.SCRATCH_PREFIX}{os.getpid()}-"
+    assert not _processes_with(str(Path(tempfile.gettempdir()) / scratch))
+    assert not list(Path(tempfile.gettempdir()).glob(scratch + "*"))
 
 
 def test_a_later_run_is_unaffected(graded, tmp_path):
