@@ -172,6 +172,7 @@ def test_ctrl_c_while_waiting_for_a_job_kills_it_and_is_not_swallowed():
 
     from backprop_ninja.grading import jobs
 
+    jobs.warm_up()  # the job server is up (starting it, torch imported, takes long on a busy machine)
     group = jobs.JobGroup()
     threading.Timer(1.0, _thread.interrupt_main).start()  # Ctrl-C, as the terminal sends it
     started = time.monotonic()
@@ -276,7 +277,6 @@ def graded(tmp_path_factory):
     killed.kill()
     killed.communicate()
     graded["killed_seconds"] = _gone_within(family, 10)  # its job server, jobs and kernels die with it
-    graded["left"] = [p for p in graded["litter"] if p.exists()]
     run = _start(root, "class", "--jobs", "2", "--out", "results")
     graded["stdout"], graded["stderr"] = run.communicate(timeout=600)
     graded["code"], graded["pid"] = run.returncode, run.pid
@@ -310,8 +310,10 @@ def test_a_relative_out_gets_every_grade_in_grades_csv_and_the_gradebook(graded)
 def test_what_a_killed_run_left_is_removed_by_the_next_run(graded):
     root = graded["root"]
     assert graded["killed_seconds"] < 10
-    assert [p.name.split("-")[0] for p in graded["left"]] == ["backprop", ".results.staging"]
-    assert not [p for p in graded["left"] if p.exists()]  # the next run removed them
+    # Whatever the killed run left (its scratch and staging folders, unless its dying job server or
+    # another run's clean-up got there first) the next run removed; test_folders_left_by_killed_runs_
+    # are_removed_and_nothing_else proves the clean-up itself on folders of a dead pid.
+    assert not [p for p in graded["litter"] if p.exists()]
     assert _scratch(graded["pid"]) == []
     assert sorted(p.name for p in root.iterdir()) == ["class", "results"]
 

@@ -73,7 +73,10 @@ def _enter_job(root: Path) -> None:
     go to a file there; nbgrader finds ``alembic`` (it runs it) even when the venv is not activated."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    os.chdir(root)
+    try:
+        os.chdir(root)
+    except FileNotFoundError:  # the run was stopped (Ctrl-C) and removed its scratch as this job started
+        os._exit(1)
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     log = open(root / "nbgrader.log", "a")  # noqa: SIM115 (lives as long as the process)
     os.dup2(log.fileno(), 1)

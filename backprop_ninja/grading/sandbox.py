@@ -165,16 +165,20 @@ class Box:
         self.uid = _fresh_uid() if self.isolate and self.root_mode else os.getuid()
         self.env = dict(env or {})
         self.runtime, self.inbox, self.outbox = (self.root / d for d in ("runtime", "in", "out"))
-        socket = str(self.runtime / "kernel-65535")  # the longest ZeroMQ ipc socket path it will bind
-        if len(socket.encode()) > SOCKET_PATH_MAX:
-            raise UserError(f"The grader's scratch folder {self.root.parent} is too deep for the kernel's "
-                            f"sockets (a Unix socket path holds at most {SOCKET_PATH_MAX} bytes): set TMPDIR "
-                            "to a short folder, such as /tmp.")
         for d in (self.runtime, self.inbox, self.outbox):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o755)
         if self.isolate and self.root_mode:
             os.chown(self.runtime, self.uid, self.uid)  # the kernel binds its sockets here
+
+    def socket_base(self) -> str:
+        """Where the kernel binds its ZeroMQ ipc sockets (``<this>-<port>``), checked to fit."""
+        base = str(self.runtime / "kernel")
+        if len(f"{base}-65535".encode()) > SOCKET_PATH_MAX:
+            raise UserError(f"The grader's scratch folder {self.root.parent} is too deep for the kernel's "
+                            f"sockets (a Unix socket path holds at most {SOCKET_PATH_MAX} bytes): set TMPDIR "
+                            "to a short folder, such as /tmp.")
+        return base
 
     @property
     def handin(self) -> str:

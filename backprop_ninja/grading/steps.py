@@ -202,7 +202,7 @@ class SandboxedExecute(Execute):
 
     def create_kernel_manager(self):
         self.km = BoxedKernelManager(config=self.config, transport="ipc",
-                                     ip=str(self._box.runtime / "kernel"),
+                                     ip=self._box.socket_base(),
                                      connection_file=str(self._box.root / "connection.json"))
         self.km.box = self._box
         self.km.context.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
