@@ -37,8 +37,17 @@ def _rank(item) -> int:
     return FIRST.index(path) if path in FIRST else len(FIRST)
 
 
+# nbval waits 5 s for each output message of a cell once it has run (IPyNbCell.output_timeout, not an
+# option) and then fails the cell and every cell after it; on two busy cores notebook 4's live plot
+# can take longer to arrive.
+NBVAL_OUTPUT_TIMEOUT = 60
+
+
 def pytest_collection_modifyitems(config, items):
     items.sort(key=_rank)  # stable: the order within a file, and of the other files, is kept
+    for item in items:
+        if hasattr(item, "output_timeout"):
+            item.output_timeout = NBVAL_OUTPUT_TIMEOUT
     if data.is_canonical():
         return
     skip = pytest.mark.skip(reason="data/names.txt is not the lecture's names.txt (offline "
