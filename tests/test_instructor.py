@@ -264,7 +264,7 @@ def graded(tmp_path_factory):
     if probe() is not None:
         pytest.skip(f"learner code cannot be isolated here: {probe()}")
     root = tmp_path_factory.mktemp("instructor")
-    graded = {"root": root}
+    graded = {"root": root, "due": []}
     for student, nb in {"ada": notebook(CE), "bob": notebook(CE, replace=WRONG_CE)}.items():
         (root / "class" / student).mkdir(parents=True)
         nbformat.write(nb, str(root / "class" / student / f"{CE}.ipynb"))
@@ -277,7 +277,7 @@ def graded(tmp_path_factory):
     killed.communicate()
     graded["killed_seconds"] = _gone_within(family, 10)  # its job server, jobs and kernels die with it
     graded["left"] = [p for p in graded["litter"] if p.exists()]
-    run = _start(root, "class", "--jobs", "2", "--out", "results")
+    run = _start(root, "class", "--jobs", "2", "--out", "results", *graded["due"])
     graded["stdout"], graded["stderr"] = run.communicate(timeout=600)
     graded["code"], graded["pid"] = run.returncode, run.pid
     return graded
@@ -484,6 +484,49 @@ def test_formgrader_shows_the_assignment_released_every_submission_and_opens_one
     finally:
         lab.terminate()
         lab.wait(timeout=30)
+
+
+# --- a grade that cannot be recorded, a notebook that cannot be graded --------------------------------
+
+
+def test_a_grade_that_cannot_be_recorded_exits_non_zero_and_publishes_nothing(graded, monkeypatch, capsys):
+    """The real merge job, pointed (for bob only) at a gradebook it cannot open, as a relative
+    ``--out`` once made it: one sentence, exit 2, and ``--out`` holds the last run whole."""
+    from backprop_ninja.grading import jobs
+
+    root = graded["root"]
+    published = _tree(root / "results")
+    merge = jobs.merge_grades
+
+    def unopenable_for_bob(gradebook, job_dir, student, stem, group=None, source=None):
+        if student == "bob":
+            gradebook = Path(gradebook).parent / "nowhere" / "gradebook.db"
+        return merge(gradebook, job_dir, student, stem, group, source)
+
+    monkeypatch.setattr(jobs, "merge_grades", unopenable_for_bob)
+    monkeypatch.chdir(root)
+    code = cli.main(["autograde", "class", "--out", "results", *graded["due"]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "1 grade(s) could not be recorded in the class gradebook, so nothing was published" in err
+    assert f"recording bob/{CE}" in err and "unable to open database file" in err
+    assert _tree(root / "results") == published  # grades.csv and the gradebook: the last run's, whole
+    assert sorted(p.name for p in root.iterdir()) == ["class", "results"]
+
+
+def test_a_notebook_nbgrader_cannot_grade_is_published_as_0_named_and_exits_1(tmp_path, monkeypatch, capsys):
+    """Exit 1: the results are published, but a 0 may not be the learner's doing (a kernel that
+    would not start scores 0 too), so a script that returns grades stops for a person to look."""
+    (tmp_path / "class" / "cy").mkdir(parents=True)
+    (tmp_path / "class" / "cy" / f"{CE}.ipynb").write_text("{ not a notebook")
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["autograde", "class", "--out", "results", "--no-sandbox"])
+    out, err = capsys.readouterr()
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"1 notebook(s) could not be graded and score 0 until you look at them: cy/{CE} (" in err
+    assert "1 students graded" in out
+    with open(tmp_path / "results" / "grades.csv") as f:
+        assert [(r["student_id"], r[CE]) for r in csv.DictReader(f)] == [("cy", "0")]
 
 
 # --- re-grading: a grade is replaced only when its submission changed --------------------------------

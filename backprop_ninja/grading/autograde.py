@@ -20,6 +20,7 @@ import html
 import json
 import os
 import shutil
+import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from backprop_ninja.grading.sandbox import Limits, probe
 LEARNER = "learner"                     # student id used by ``grade``
 RECORD = "notebooks.json"               # in --out: each graded notebook's SHA-256 and result
 FEEDBACK_DIR = Path("grade-feedback")   # ``grade`` writes <cwd>/grade-feedback/<stem>.html
+NOT_SUBMITTED = "not submitted."
 
 
 @dataclass
@@ -64,6 +66,11 @@ class ClassResults:
     @property
     def max_score(self) -> float:
         return sum(self.max_scores.values())
+
+    def ungraded(self) -> list[NotebookResult]:
+        """Handed-in notebooks nbgrader could not grade (unreadable, crashed, stopped): each scores 0."""
+        return [r for per_stem in self.results.values() for r in per_stem.values()
+                if not r.graded and r.problem != NOT_SUBMITTED]
 
     def flags(self, student: str) -> list[str]:
         """``stem: what (rule)`` for every source-rule finding of the student's notebooks."""
@@ -173,7 +180,7 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
             res = NotebookResult(student, stem, max_score=results.max_scores[stem])
             results.results[student][stem] = res
             if stem not in notebooks:
-                res.problem = "not submitted."
+                res.problem = NOT_SUBMITTED
                 continue
             try:
                 read_notebook(notebooks[stem])
@@ -331,6 +338,12 @@ def run_autograde(submissions: str, jobs_at_once: int = 1, out: str = "autograde
           f"{flagged} flagged for review: "
           f"{Path(out) / 'grades.csv'}, {Path(out) / 'feedback'}/<student>/<notebook>.html, "
           f"nbgrader course in {Path(out) / 'course'}")
+    ungraded = results.ungraded()
+    if ungraded:  # published, but a 0 that may not be the learner's doing: a person must look
+        listed = "; ".join(f"{r.student}/{r.stem} ({r.problem.rstrip('.')})" for r in ungraded[:3])
+        print(f"backprop-ninja autograde: {len(ungraded)} notebook(s) could not be graded and score 0 "
+              f"until you look at them: {listed}{' ...' if len(ungraded) > 3 else ''}.", file=sys.stderr)
+        return 1
     return 0
 
 
