@@ -260,11 +260,11 @@ def _gone_within(pids: set[int], seconds: float) -> float:
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     """A run killed outright (SIGKILL) mid-grading, then the same class graded to the end
-    with a relative ``--out``: ada is right, bob has the sign wrong."""
+    with a relative ``--out``: ada is right (and half an hour late), bob has the sign wrong."""
     if probe() is not None:
         pytest.skip(f"learner code cannot be isolated here: {probe()}")
     root = tmp_path_factory.mktemp("instructor")
-    graded = {"root": root, "due": []}
+    graded = {"root": root, "due": ["--due", "2026-11-29T09:30"]}  # ada hands in at 10:00: late
     for student, nb in {"ada": notebook(CE), "bob": notebook(CE, replace=WRONG_CE)}.items():
         (root / "class" / student).mkdir(parents=True)
         nbformat.write(nb, str(root / "class" / student / f"{CE}.ipynb"))
@@ -305,6 +305,24 @@ def test_a_relative_out_gets_every_grade_in_grades_csv_and_the_gradebook(graded)
     umask = os.umask(0)
     os.umask(umask)
     assert (root / "results").stat().st_mode & 0o777 == 0o777 & ~umask  # a folder like any other
+
+
+def test_late_work_is_graded_and_marked_late_in_grades_csv_and_the_gradebook(graded):
+    """``--due``: ada's timestamp.txt (10:00 UTC) is half an hour late; bob's submission has no
+    timestamp, so nbgrader counts it on time. The course's LateSubmissionPlugin takes nothing off."""
+    from datetime import datetime
+
+    from nbgrader.api import Gradebook
+
+    root = graded["root"]
+    assert "2 students graded (sandbox on); 0 flagged for review, 1 late:" in graded["stdout"]
+    with open(root / "results" / "grades.csv") as f:
+        late = {r["student_id"]: (r[CE], r["late"], r["late_penalty"]) for r in csv.DictReader(f)}
+    assert late == {"ada": ("4", "0:30:00", "0"), "bob": ("0", "", "0")}
+    with Gradebook(f"sqlite:///{root / 'results' / 'course' / 'gradebook.db'}") as gb:
+        assert gb.find_assignment("backprop").duedate == datetime(2026, 11, 29, 9, 30)
+        assert gb.find_submission("backprop", "ada").total_seconds_late == 1800
+        assert gb.find_submission("backprop", "bob").total_seconds_late == 0
 
 
 def test_what_a_killed_run_left_is_removed_by_the_next_run(graded):
@@ -406,6 +424,7 @@ def test_a_different_file_is_still_refused_and_says_what_it_has(tmp_path, data_d
     (["train", "--steps", "0"], "argument --steps: must be a positive whole number, got '0'"),
     (["train", "--seed", "x"], "argument --seed: must be a whole number, got 'x'"),
     (["autograde", "class", "--jobs", "two"], "argument --jobs: must be a positive whole number, got 'two'"),
+    (["autograde", "class", "--due", "friday"], "argument --due: must be a date and time like 2026-12-01"),
 ])
 def test_a_bad_number_says_what_it_must_be(capsys, argv, says):
     with pytest.raises(SystemExit) as exit_:
@@ -560,7 +579,7 @@ def test_a_second_run_regrades_only_what_changed_and_keeps_manual_grades(graded)
     db.commit()
     db.close()
     nbformat.write(notebook(CE), str(root / "class" / "bob" / f"{CE}.ipynb"))  # bob fixes his sign
-    run = _start(root, "class", "--out", "results")
+    run = _start(root, "class", "--out", "results", *graded["due"])
     stdout, stderr = run.communicate(timeout=600)
     assert run.returncode == 0, stderr
     assert (f"1 notebook(s) unchanged since the last run in results kept their grades; "
@@ -569,3 +588,4 @@ def test_a_second_run_regrades_only_what_changed_and_keeps_manual_grades(graded)
         totals = {r["student_id"]: float(r["total"]) for r in csv.DictReader(f)}
     assert totals == {"ada": 3.0, "bob": 4.0} == _gradebook_scores(course / "gradebook.db")
     assert (course / "autograded" / "ada" / "backprop" / f"{CE}.ipynb").read_bytes() == ada_autograded
+
