@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-# pytest -n 2 runs two workers on two cores, and most of what they start computes tiny tensors: one
-# torch (OpenMP) thread each, in this process and in every process it starts. With one per core
-# everywhere, threads wait for busy cores at every op: tests/test_judge.py's training checks took
-# 56-89 s instead of 8-12 s on a loaded machine.
+# What the tests run computes tiny tensors beside other busy processes (graded kernels, a second
+# pytest worker): one torch (OpenMP) thread each, in this process and in every process it starts.
+# With one per core everywhere, threads wait for busy cores at every op: tests/test_judge.py's
+# training checks took 56-89 s instead of 8-12 s on a loaded machine.
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402 - after OMP_NUM_THREADS, which torch reads when it starts
@@ -26,9 +26,9 @@ SOLUTIONS = Path(__file__).resolve().parent / "solutions"
 LECTURE_LOSS_BOUNDS = {"train": 2.10, "val": 2.14}
 
 
-# `make test` runs pytest -n 2 --dist loadfile --no-loadscope-reorder: each file on one worker, files
-# handed out in this order. The two longest (about 5 and 2 minutes) start at once, one per worker;
-# each worker is handed a second file up front, so a quick one comes third.
+# With `make test PYTEST_ARGS="-n 2 --dist loadfile --no-loadscope-reorder"` each file runs on one
+# worker, handed out in this order: the two longest (about 5 and 2 minutes) start at once, one per
+# worker; each worker is handed a second file up front, so a quick one comes third.
 FIRST = ("tests/test_grading.py", "solutions/04_full_training.ipynb", "tests/test_check.py")
 
 

@@ -30,7 +30,8 @@ def _grade(args: argparse.Namespace) -> int:
 def _autograde(args: argparse.Namespace) -> int:
     from backprop_ninja.grading.autograde import run_autograde
 
-    return run_autograde(args.submissions, jobs_at_once=args.jobs, out=args.out, no_sandbox=args.no_sandbox)
+    return run_autograde(args.submissions, jobs_at_once=args.jobs, out=args.out, no_sandbox=args.no_sandbox,
+                         due=args.due)
 
 
 def _formgrader(args: argparse.Namespace) -> int:
@@ -72,6 +73,16 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
     return value
+
+
+def _due_date(text: str):
+    from backprop_ninja.grading.autograde import parse_due
+
+    try:
+        return parse_due(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a date and time like 2026-12-01T12:00 (UTC) or "
+                                         f"2026-12-01T12:00+01:00, got {text!r}") from None
 
 
 def _whole_number(text: str) -> int:
@@ -129,6 +140,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sandbox", action="store_true",
                    help="grade even where learner code cannot be isolated (bubblewrap missing); "
                    "only for submissions you trust")
+    p.add_argument("--due", type=_due_date, default=None, metavar="WHEN",
+                   help="the assignment's due date, e.g. 2026-12-01T12:00 (UTC unless it names an offset); "
+                   "a submission whose timestamp.txt is later is marked late")
 
     p = _command(sub, _formgrader, "formgrader", help="review an autograded class in nbgrader's formgrader",
                  description="Start JupyterLab with nbgrader's formgrader on the course that "

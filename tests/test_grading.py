@@ -338,10 +338,12 @@ def test_grades_csv_has_every_student_their_totals_and_the_flags(graded):
     with open(graded["out"] / "grades.csv") as f:
         rows = {r["student_id"]: r for r in csv.DictReader(f)}
     assert sorted(rows) == sorted(graded["students"])
-    assert list(next(iter(rows.values()))) == ["student_id", *STEMS, "total", "max_score", "flags"]
+    assert list(next(iter(rows.values()))) == ["student_id", *STEMS, "total", "max_score", "flags", "late",
+                                               "late_penalty"]
     for student, s in graded["students"].items():
         assert float(rows[student]["total"]) == pytest.approx(sum(s.scores.values()), abs=1e-4)
         assert bool(rows[student]["flags"]) == s.flagged, rows[student]
+        assert (rows[student]["late"], rows[student]["late_penalty"]) == ("", "0")  # no due date given
 
 
 def test_honest_classmates_keep_exactly_their_grades_and_files(graded):

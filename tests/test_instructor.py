@@ -243,7 +243,7 @@ def _wait_for_a_kernel(run: subprocess.Popen, timeout: float = 180) -> set[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         family = _descendants(run.pid)
-        if any(word in _cmdline(p) for p in family for word in ("bwrap", "ipykernel")):
+        if any("ipykernel" in _cmdline(p) for p in family):  # not bwrap: the sandbox probe runs it too
             return family
         assert run.poll() is None, run.communicate()
         time.sleep(0.2)
@@ -261,11 +261,11 @@ def _gone_within(pids: set[int], seconds: float) -> float:
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     """A run killed outright (SIGKILL) mid-grading, then the same class graded to the end
-    with a relative ``--out``: ada is right, bob has the sign wrong."""
+    with a relative ``--out``: ada is right (and half an hour late), bob has the sign wrong."""
     if probe() is not None:
         pytest.skip(f"learner code cannot be isolated here: {probe()}")
     root = tmp_path_factory.mktemp("instructor")
-    graded = {"root": root}
+    graded = {"root": root, "due": ["--due", "2026-11-29T09:30"]}  # ada hands in at 10:00: late
     for student, nb in {"ada": notebook(CE), "bob": notebook(CE, replace=WRONG_CE)}.items():
         (root / "class" / student).mkdir(parents=True)
         nbformat.write(nb, str(root / "class" / student / f"{CE}.ipynb"))
@@ -277,7 +277,7 @@ def graded(tmp_path_factory):
     killed.kill()
     killed.communicate()
     graded["killed_seconds"] = _gone_within(family, 10)  # its job server, jobs and kernels die with it
-    run = _start(root, "class", "--jobs", "2", "--out", "results")
+    run = _start(root, "class", "--jobs", "2", "--out", "results", *graded["due"])
     graded["stdout"], graded["stderr"] = run.communicate(timeout=600)
     graded["code"], graded["pid"] = run.returncode, run.pid
     return graded
@@ -307,12 +307,29 @@ def test_a_relative_out_gets_every_grade_in_grades_csv_and_the_gradebook(graded)
     assert (root / "results").stat().st_mode & 0o777 == 0o777 & ~umask  # a folder like any other
 
 
+def test_late_work_is_graded_and_marked_late_in_grades_csv_and_the_gradebook(graded):
+    """``--due``: ada's timestamp.txt (10:00 UTC) is half an hour late; bob's submission has no
+    timestamp, so nbgrader counts it on time. The course's LateSubmissionPlugin takes nothing off."""
+    from datetime import datetime
+
+    from nbgrader.api import Gradebook
+
+    root = graded["root"]
+    assert "2 students graded (sandbox on); 0 flagged for review, 1 late:" in graded["stdout"]
+    with open(root / "results" / "grades.csv") as f:
+        late = {r["student_id"]: (r[CE], r["late"], r["late_penalty"]) for r in csv.DictReader(f)}
+    assert late == {"ada": ("4", "0:30:00", "0"), "bob": ("0", "", "0")}
+    with Gradebook(f"sqlite:///{root / 'results' / 'course' / 'gradebook.db'}") as gb:
+        assert gb.find_assignment("backprop").duedate == datetime(2026, 11, 29, 9, 30)
+        assert gb.find_submission("backprop", "ada").total_seconds_late == 1800
+        assert gb.find_submission("backprop", "bob").total_seconds_late == 0
+
+
 def test_what_a_killed_run_left_is_removed_by_the_next_run(graded):
     root = graded["root"]
     assert graded["killed_seconds"] < 10
-    # Whatever the killed run left (its scratch and staging folders, unless its dying job server or
-    # another run's clean-up got there first) the next run removed; test_folders_left_by_killed_runs_
-    # are_removed_and_nothing_else proves the clean-up itself on folders of a dead pid.
+    # killed while a kernel ran: with its scratch and staging folders, which the next run removed
+    assert [p.name.split("-")[0] for p in graded["litter"]] == ["backprop", ".results.staging"]
     assert not [p for p in graded["litter"] if p.exists()]
     assert _scratch(graded["pid"]) == []
     assert sorted(p.name for p in root.iterdir()) == ["class", "results"]
@@ -408,6 +425,7 @@ def test_a_different_file_is_still_refused_and_says_what_it_has(tmp_path, data_d
     (["train", "--steps", "0"], "argument --steps: must be a positive whole number, got '0'"),
     (["train", "--seed", "x"], "argument --seed: must be a whole number, got 'x'"),
     (["autograde", "class", "--jobs", "two"], "argument --jobs: must be a positive whole number, got 'two'"),
+    (["autograde", "class", "--due", "friday"], "argument --due: must be a date and time like 2026-12-01"),
 ])
 def test_a_bad_number_says_what_it_must_be(capsys, argv, says):
     with pytest.raises(SystemExit) as exit_:
@@ -488,6 +506,49 @@ def test_formgrader_shows_the_assignment_released_every_submission_and_opens_one
         lab.wait(timeout=30)
 
 
+# --- a grade that cannot be recorded, a notebook that cannot be graded --------------------------------
+
+
+def test_a_grade_that_cannot_be_recorded_exits_non_zero_and_publishes_nothing(graded, monkeypatch, capsys):
+    """The real merge job, pointed (for bob only) at a gradebook it cannot open, as a relative
+    ``--out`` once made it: one sentence, exit 2, and ``--out`` holds the last run whole."""
+    from backprop_ninja.grading import jobs
+
+    root = graded["root"]
+    published, beside = _tree(root / "results"), sorted(p.name for p in root.iterdir())
+    merge = jobs.merge_grades
+
+    def unopenable_for_bob(gradebook, job_dir, student, stem, group=None, source=None):
+        if student == "bob":
+            gradebook = Path(gradebook).parent / "nowhere" / "gradebook.db"
+        return merge(gradebook, job_dir, student, stem, group, source)
+
+    monkeypatch.setattr(jobs, "merge_grades", unopenable_for_bob)
+    monkeypatch.chdir(root)
+    code = cli.main(["autograde", "class", "--out", "results", *graded["due"]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "1 grade(s) could not be recorded in the class gradebook, so nothing was published" in err
+    assert f"recording bob/{CE}" in err and "unable to open database file" in err
+    assert _tree(root / "results") == published  # grades.csv and the gradebook: the last run's, whole
+    assert sorted(p.name for p in root.iterdir()) == beside  # no staging folder left
+
+
+def test_a_notebook_nbgrader_cannot_grade_is_published_as_0_named_and_exits_1(tmp_path, monkeypatch, capsys):
+    """Exit 1: the results are published, but a 0 may not be the learner's doing (a kernel that
+    would not start scores 0 too), so a script that returns grades stops for a person to look."""
+    (tmp_path / "class" / "cy").mkdir(parents=True)
+    (tmp_path / "class" / "cy" / f"{CE}.ipynb").write_text("{ not a notebook")
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["autograde", "class", "--out", "results", "--no-sandbox"])
+    out, err = capsys.readouterr()
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"1 notebook(s) could not be graded and score 0 until you look at them: cy/{CE} (" in err
+    assert "1 students graded" in out
+    with open(tmp_path / "results" / "grades.csv") as f:
+        assert [(r["student_id"], r[CE]) for r in csv.DictReader(f)] == [("cy", "0")]
+
+
 # --- re-grading: a grade is replaced only when its submission changed --------------------------------
 
 
@@ -519,7 +580,7 @@ def test_a_second_run_regrades_only_what_changed_and_keeps_manual_grades(graded)
     db.commit()
     db.close()
     nbformat.write(notebook(CE), str(root / "class" / "bob" / f"{CE}.ipynb"))  # bob fixes his sign
-    run = _start(root, "class", "--out", "results")
+    run = _start(root, "class", "--out", "results", *graded["due"])
     stdout, stderr = run.communicate(timeout=600)
     assert run.returncode == 0, stderr
     assert (f"1 notebook(s) unchanged since the last run in results kept their grades; "
@@ -528,3 +589,73 @@ def test_a_second_run_regrades_only_what_changed_and_keeps_manual_grades(graded)
         totals = {r["student_id"]: float(r["total"]) for r in csv.DictReader(f)}
     assert totals == {"ada": 3.0, "bob": 4.0} == _gradebook_scores(course / "gradebook.db")
     assert (course / "autograded" / "ada" / "backprop" / f"{CE}.ipynb").read_bytes() == ada_autograded
+
+
+
+# --- the exchange route: nbgrader's own release, fetch, submit and collect, then autograde -----------
+
+
+def _nbgrader(cwd: Path, *args: str) -> subprocess.Popen:
+    """nbgrader's CLI, as the README runs it: with .venv/bin on PATH (it runs alembic from there)."""
+    bin_dir = str(Path(sys.executable).parent)
+    return subprocess.Popen([f"{bin_dir}/nbgrader", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+
+
+def _done(*runs: subprocess.Popen) -> None:
+    for run in runs:
+        log = run.communicate(timeout=300)[0]
+        assert run.returncode == 0, log[-3000:]
+
+
+def test_the_exchange_route_release_fetch_submit_collect_then_autograde_export_and_feedback(tmp_path):
+    """An instructor's course (notebook 02 only) released into its course-local exchange; ada
+    (right), bob (sign wrong) and cy (right, after the due date) fetch and submit it from their
+    own folders with nbgrader's CLI (as root: ``--student`` names who submits, and collect's
+    owner check is off, as nbgrader's warning says); the collected ``submitted/`` is graded
+    with a relative ``--out``, and nbgrader's export and generate_feedback work on that course."""
+    from datetime import UTC, datetime
+
+    if probe() is not None:
+        pytest.skip(f"learner code cannot be isolated here: {probe()}")
+    instructor = tmp_path / "instructor"
+    (instructor / "source" / "backprop").mkdir(parents=True)
+    shutil.copy(course.COURSE / "nbgrader_config.py", instructor)
+    shutil.copy(course.COURSE / "source" / "backprop" / f"{CE}.ipynb", instructor / "source" / "backprop")
+    _done(_nbgrader(instructor, "generate_assignment", "backprop"))
+    _done(_nbgrader(instructor, "release_assignment", "backprop"))
+    assert not Path("/usr/local/share/nbgrader/exchange/backprop-ninja").exists()
+    exchange = ["--course", "backprop-ninja", f"--Exchange.root={instructor / 'exchange'}"]
+    homes = {s: tmp_path / "students" / s for s in ("ada", "bob", "cy")}
+    for home in homes.values():
+        home.mkdir(parents=True)
+    _done(*[_nbgrader(home, "fetch_assignment", "backprop", *exchange) for home in homes.values()])
+    answers = {"ada": notebook(CE), "bob": notebook(CE, replace=WRONG_CE), "cy": notebook(CE)}
+    for student, nb in answers.items():
+        fetched = homes[student] / "backprop" / f"{CE}.ipynb"
+        assert "YOUR CODE HERE" in fetched.read_text()  # the released stub, then the learner's answer
+        nbformat.write(nb, str(fetched))
+    _done(*[_nbgrader(homes[s], "submit", "backprop", f"--student={s}", *exchange) for s in ("ada", "bob")])
+    due = datetime.now(UTC).replace(tzinfo=None).isoformat()
+    time.sleep(0.1)
+    _done(_nbgrader(homes["cy"], "submit", "backprop", "--student=cy", *exchange))
+    _done(_nbgrader(instructor, "collect", "backprop", "--ExchangeCollect.check_owner=False"))
+    assert sorted(p.name for p in (instructor / "submitted").iterdir()) == ["ada", "bob", "cy"]
+
+    run = _start(tmp_path, "instructor/submitted", "--jobs", "2", "--out", "results", "--due", due)
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr
+    assert "3 students graded (sandbox on); 0 flagged for review, 1 late:" in stdout
+    with open(tmp_path / "results" / "grades.csv") as f:
+        rows = {r["student_id"]: (r[CE], bool(r["late"])) for r in csv.DictReader(f)}
+    assert rows == {"ada": ("4", False), "bob": ("0", False), "cy": ("4", True)}
+
+    graded = tmp_path / "results" / "course"
+    _done(_nbgrader(graded, "export"), _nbgrader(graded, "generate_feedback", "backprop"))
+    with open(graded / "grades.csv") as f:
+        exported = {r["student_id"]: r for r in csv.DictReader(f)}
+    assert {s: float(r["raw_score"]) for s, r in exported.items()} == {"ada": 4.0, "bob": 0.0, "cy": 4.0}
+    assert all(r["timestamp"].startswith(str(datetime.now(UTC).year)) for r in exported.values())
+    for student in homes:
+        assert "dlogits" in (graded / "feedback" / student / "backprop" / f"{CE}.html").read_text()

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import hashlib
 import html
 import json
 import os
 import shutil
+import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from backprop_ninja.grading.sandbox import Limits, probe
 LEARNER = "learner"                     # student id used by ``grade``
 RECORD = "notebooks.json"               # in --out: each graded notebook's SHA-256 and result
 FEEDBACK_DIR = Path("grade-feedback")   # ``grade`` writes <cwd>/grade-feedback/<stem>.html
+NOT_SUBMITTED = "not submitted."
 
 
 @dataclass
@@ -64,6 +67,17 @@ class ClassResults:
     @property
     def max_score(self) -> float:
         return sum(self.max_scores.values())
+
+    def ungraded(self) -> list[NotebookResult]:
+        """Handed-in notebooks nbgrader could not grade (unreadable, crashed, stopped): each scores 0."""
+        return [r for per_stem in self.results.values() for r in per_stem.values()
+                if not r.graded and r.problem != NOT_SUBMITTED]
+
+    def seconds_late(self, student: str) -> float:
+        return max((r.seconds_late for r in self.results[student].values()), default=0.0)
+
+    def late_penalty(self, student: str) -> float:
+        return sum(r.late_penalty for r in self.results[student].values())
 
     def flags(self, student: str) -> list[str]:
         """``stem: what (rule)`` for every source-rule finding of the student's notebooks."""
@@ -103,7 +117,7 @@ def _template(scratch: Path, course: Path, group: jobs.JobGroup) -> tuple[Path, 
 def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path | None = Path("autograde-out"),
                     limits: Limits | None = None, course: Path = COURSE, progress: bool = True,
                     only: dict[str, dict[str, Path]] | None = None, feedback_to=None,
-                    isolate: bool = True) -> ClassResults:
+                    isolate: bool = True, due: datetime.datetime | None = None) -> ClassResults:
     """Autograde every student's notebooks, ``jobs_at_once`` notebooks executing at once.
 
     With ``out``: ``out/grades.csv``, ``out/feedback/<student>/<stem>.html`` and ``out/course/``
@@ -112,8 +126,10 @@ def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path |
     rename (``folders.Publication``: ``out`` is checked and locked first). ``only`` replaces
     the folder scan (``grade`` passes the learner's files); ``feedback_to(student, stem)``
     replaces where each HTML feedback is kept (the scratch directory is deleted). ``isolate``:
-    sandbox every kernel where ``sandbox.probe()`` allows it. On Ctrl-C no job starts any
-    more, running ones are killed with their kernels, and the scratch folder is removed.
+    sandbox every kernel where ``sandbox.probe()`` allows it. ``due`` (naive UTC): the
+    assignment's due date; a submission whose ``timestamp.txt`` is later is late (nbgrader's
+    ``LateSubmissionPlugin`` decides the penalty). On Ctrl-C no job starts any more, running
+    ones are killed with their kernels, and the scratch folder is removed.
     """
     stems = list(course_notebooks(course))
     students = only if only is not None else find_submissions(submissions, stems)
@@ -125,7 +141,8 @@ def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path |
         group = jobs.JobGroup()
         stack.callback(group.stop)  # whatever ends the run (Ctrl-C too) ends its jobs first
         results = _grade_class(students, stems, scratch, group, publication, jobs_at_once, limits or Limits(),
-                               course, progress, only, feedback_to, isolate and probe() is None)
+                               course, progress, only, feedback_to, isolate and probe() is None,
+                               due and due.isoformat())
         if publication is not None:
             publication.publish()
             results.gradebook = publication.out / "course" / "gradebook.db"
@@ -138,7 +155,7 @@ def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path |
 
 def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publication: Publication | None,
                  jobs_at_once: int, limits: Limits, course: Path, progress: bool, only, feedback_to,
-                 isolate: bool) -> ClassResults:
+                 isolate: bool, due: str | None = None) -> ClassResults:
     """Grade into ``scratch``; the class's results (with ``publication``) into its staging folder."""
     from tqdm import tqdm
 
@@ -165,7 +182,7 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
                 shutil.copyfile(path, folder / f"{stem}.ipynb")
                 if (path.parent / "timestamp.txt").is_file():
                     shutil.copyfile(path.parent / "timestamp.txt", folder / "timestamp.txt")
-        jobs.record_class(main_course, scratch / "record", list(students), group)
+        jobs.record_class(main_course, scratch / "record", list(students), group, due)
     todo = []
     for student, notebooks in students.items():
         results.results[student] = {}
@@ -173,7 +190,7 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
             res = NotebookResult(student, stem, max_score=results.max_scores[stem])
             results.results[student][stem] = res
             if stem not in notebooks:
-                res.problem = "not submitted."
+                res.problem = NOT_SUBMITTED
                 continue
             try:
                 read_notebook(notebooks[stem])
@@ -184,7 +201,7 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
 
     unrecorded: list[str] = []
     shas = {(student, stem): hashlib.sha256(path.read_bytes()).hexdigest() for student, stem, path in todo}
-    earlier = _earlier(publication, digest)
+    earlier = _earlier(publication, digest, due)
     if earlier is not None:  # a notebook unchanged since the run in --out keeps its grade
         results.earlier = True
         for student, stem, path in list(todo):
@@ -202,7 +219,7 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
     pool = ThreadPoolExecutor(max_workers=jobs_at_once)
     try:
         futures = {pool.submit(jobs.grade_notebook, template, digest, scratch / "jobs" / f"{k:04d}",
-                               student, stem, path, limits, isolate, group): (student, stem)
+                               student, stem, path, limits, isolate, group, due): (student, stem)
                    for k, (student, stem, path) in enumerate(todo)}
         for fut in as_completed(futures):  # this thread is the one writer to the class gradebook
             student, stem = futures[fut]
@@ -235,9 +252,10 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
                     res.feedback = _save_feedback(res, feedback_to(student, stem))
     if publication is not None:
         write_grades_csv(results, publication.staging / "grades.csv")
-        (publication.staging / RECORD).write_text(json.dumps({"template": digest, "notebooks": [
+        (publication.staging / RECORD).write_text(json.dumps({"template": digest, "due": due, "notebooks": [
             {"student": r.student, "stem": r.stem, "sha256": shas[(r.student, r.stem)], "score": r.score,
-             "max_score": r.max_score, "problem": r.problem, "flags": r.flags, "sandbox": r.sandbox}
+             "max_score": r.max_score, "problem": r.problem, "flags": r.flags, "sandbox": r.sandbox,
+             "seconds_late": r.seconds_late, "late_penalty": r.late_penalty}
             for per_stem in results.results.values() for r in per_stem.values() if r.graded]}, indent=1))
     if unrecorded:
         raise UserError(f"{len(unrecorded)} grade(s) could not be recorded in the class gradebook, so "
@@ -245,16 +263,17 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
     return results
 
 
-def _earlier(publication: Publication | None, digest: str) -> dict | None:
+def _earlier(publication: Publication | None, digest: str, due: str | None) -> dict | None:
     """{(student, stem): what it scored} of the run published in --out, when that run graded
-    with this very template (hidden tests changed: everything is graded again); else None."""
+    with this very template and due date (hidden tests or the due date changed: everything is
+    graded again); else None."""
     if publication is None:
         return None
     try:
         record = json.loads((publication.out / RECORD).read_text())
     except (OSError, ValueError):
         return None
-    if record.get("template") != digest:
+    if record.get("template") != digest or record.get("due") != due:
         return None
     return {(n["student"], n["stem"]): n for n in record["notebooks"]}
 
@@ -272,7 +291,8 @@ def _kept(entry: dict | None, sha: str, publication: Publication, scratch: Path,
         return None
     course = publication.staging / "course"
     res = NotebookResult(student, stem, max_score=entry["max_score"], problem=entry["problem"],
-                         flags=entry["flags"], sandbox=entry["sandbox"], graded=True, kept=True)
+                         flags=entry["flags"], sandbox=entry["sandbox"], graded=True, kept=True,
+                         seconds_late=entry["seconds_late"], late_penalty=entry["late_penalty"])
     try:
         res.score = jobs.merge_grades(course / "gradebook.db", scratch / "kept" / f"{student}-{stem}",
                                       student, stem, group, source=before / "gradebook.db")
@@ -301,36 +321,56 @@ def _save_feedback(res: NotebookResult, dest: Path) -> str:
 
 def write_grades_csv(results: ClassResults, path: Path) -> None:
     """One row per student: student_id, one column per notebook, total, max_score, flags
-    (source-rule findings an instructor may want to review; empty when none)."""
+    (source-rule findings an instructor may want to review; empty when none), late (how long
+    after the due date, ``1 day, 2:00:00``; empty when on time) and late_penalty (what nbgrader's
+    late-penalty plug-in takes off the total, as ``nbgrader export`` lists it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["student_id", *results.stems, "total", "max_score", "flags"])
+        writer.writerow(["student_id", *results.stems, "total", "max_score", "flags", "late", "late_penalty"])
         for student in sorted(results.results):
             per = results.results[student]
             writer.writerow([student, *(f"{per[s].score:g}" for s in results.stems),
                              f"{results.total(student):g}", f"{results.max_score:g}",
-                             "; ".join(results.flags(student))])
+                             "; ".join(results.flags(student)), _late(results.seconds_late(student)),
+                             f"{results.late_penalty(student):g}"])
+
+
+def _late(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds))) if seconds > 0 else ""
+
+
+def parse_due(text: str) -> datetime.datetime:
+    """``2026-12-01T12:00`` (UTC) or with an offset (``...+01:00``): naive UTC, as nbgrader keeps it."""
+    due = datetime.datetime.fromisoformat(text)
+    return due.astimezone(datetime.UTC).replace(tzinfo=None) if due.tzinfo else due
 
 
 def run_autograde(submissions: str, jobs_at_once: int = 1, out: str = "autograde-out",
-                  no_sandbox: bool = False) -> int:
+                  no_sandbox: bool = False, due: datetime.datetime | None = None) -> int:
     """``backprop-ninja autograde``: grade a class, print where the results are."""
     why = probe()
     if why and not no_sandbox:
         raise UserError(f"learner code cannot be isolated here: {why}. Install bubblewrap, or pass "
                         "--no-sandbox to grade without isolation (only for submissions you trust).")
     results = autograde_class(Path(submissions), jobs_at_once=jobs_at_once, out=Path(out),
-                              isolate=not no_sandbox)
+                              isolate=not no_sandbox, due=due)
     if results.earlier:
         changed = ", ".join(results.changed[:5]) + (" ..." if len(results.changed) > 5 else "")
         print(f"{results.kept} notebook(s) unchanged since the last run in {out} kept their grades; "
               f"{len(results.changed)} changed and graded again{': ' + changed if changed else ''}.")
     flagged = sum(bool(results.flags(s)) for s in results.results)
+    late = sum(results.seconds_late(s) > 0 for s in results.results)
     print(f"{len(results.results)} students graded (sandbox {results.sandbox}); "
-          f"{flagged} flagged for review: "
+          f"{flagged} flagged for review{f', {late} late' if due else ''}: "
           f"{Path(out) / 'grades.csv'}, {Path(out) / 'feedback'}/<student>/<notebook>.html, "
           f"nbgrader course in {Path(out) / 'course'}")
+    ungraded = results.ungraded()
+    if ungraded:  # published, but a 0 that may not be the learner's doing: a person must look
+        listed = "; ".join(f"{r.student}/{r.stem} ({r.problem.rstrip('.')})" for r in ungraded[:3])
+        print(f"backprop-ninja autograde: {len(ungraded)} notebook(s) could not be graded and score 0 "
+              f"until you look at them: {listed}{' ...' if len(ungraded) > 3 else ''}.", file=sys.stderr)
+        return 1
     return 0
 
 

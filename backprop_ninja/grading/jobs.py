@@ -62,6 +62,8 @@ class NotebookResult:
     seconds: float = 0.0                # wall-clock time of its grading job
     job_dir: str | None = None          # where nbgrader ran (inside the scratch dir)
     kept: bool = False                  # unchanged since the last run: its grade was kept
+    seconds_late: float = 0.0           # handed in after the due date (nbgrader's total_seconds_late)
+    late_penalty: float = 0.0           # what nbgrader's LateSubmissionPlugin took off (0: none)
 
 
 # --------------------------------------------------------------------------- inside a job process
@@ -149,9 +151,22 @@ def generate_job(root: str) -> None:
     (root_path / "max_scores.json").write_text(json.dumps(max_scores))
 
 
-def autograde_job(root: str, student: str, stem: str, limits: dict, isolate: bool) -> None:
-    """Job process: ``nbgrader autograde`` then ``generate_feedback`` for one notebook;
-    writes ``result.json`` (score, max_score, problem, flags, sandbox, paths) in ``root``."""
+def _set_due(db_url: str, due: str | None) -> None:
+    """The assignment's ``duedate`` (naive UTC, as nbgrader keeps it), which nbgrader compares
+    with a submission's timestamp (``timestamp.txt``) to find it late."""
+    from datetime import datetime
+
+    from nbgrader.api import Gradebook
+
+    with Gradebook(db_url) as gb:
+        gb.update_or_create_assignment(ASSIGNMENT, duedate=datetime.fromisoformat(due) if due else None)
+
+
+def autograde_job(root: str, student: str, stem: str, limits: dict, isolate: bool,
+                  due: str | None = None) -> None:
+    """Job process: ``nbgrader autograde`` (its late penalty too, against ``due``) then
+    ``generate_feedback`` for one notebook; writes ``result.json`` (score, max_score, problem,
+    flags, sandbox, lateness, paths) in ``root``."""
     import nbformat
     from nbgrader.api import Gradebook
     from nbgrader.converters import Autograde, GenerateFeedback
@@ -162,6 +177,7 @@ def autograde_job(root: str, student: str, stem: str, limits: dict, isolate: boo
     _enter_job(root_path)
     config = job_config(root_path, Limits(**limits), isolate)
     coursedir = _coursedir(root_path, config, student, stem)
+    _set_due(config.CourseDirectory.db_url, due)
     app = Autograde(coursedir=coursedir, config=config)
     app.force = True
     app.create_student = True
@@ -174,11 +190,14 @@ def autograde_job(root: str, student: str, stem: str, limits: dict, isolate: boo
     with Gradebook(config.CourseDirectory.db_url) as gb:
         nb = gb.find_submission_notebook(stem, ASSIGNMENT, student)
         score, max_score = float(nb.score), float(nb.max_score)
+        penalty = float(nb.late_submission_penalty or 0)
+        seconds_late = float(gb.find_submission(ASSIGNMENT, student).total_seconds_late)
     found = nbformat.read(str(autograded), as_version=4).metadata.get("backprop_ninja", {})
     (root_path / "result.json").write_text(json.dumps({
         "score": score, "max_score": max_score,
         "problem": first_problem(nbformat.read(str(autograded), as_version=4)),
         "flags": found.get("flags", []), "sandbox": found.get("sandbox", ""),
+        "seconds_late": seconds_late, "late_penalty": penalty,
         "autograded": str(autograded), "feedback": str(html) if html.exists() else None}))
 
 
@@ -188,10 +207,10 @@ def one_line(text: str, width: int = 300) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def record_job(course: str, log_dir: str, students: list[str]) -> None:
+def record_job(course: str, log_dir: str, students: list[str], due: str | None = None) -> None:
     """Job process: the class course as nbgrader's own apps leave it: the assignment released
-    (into the course's exchange), every student and their submission, with the timestamp of
-    ``submitted/<student>/backprop/timestamp.txt`` where the submission had one."""
+    (into the course's exchange) with its due date, every student and their submission, with
+    the timestamp of ``submitted/<student>/backprop/timestamp.txt`` where the submission had one."""
     from nbgrader.api import Gradebook
     from nbgrader.apps import NbGraderAPI
 
@@ -202,6 +221,7 @@ def record_job(course: str, log_dir: str, students: list[str]) -> None:
     released = NbGraderAPI(coursedir=coursedir, config=config).release_assignment(ASSIGNMENT)
     if not released["success"]:
         raise RuntimeError(f"ReleaseError: {one_line(released.get('log') or released.get('error') or '')}")
+    _set_due(config.CourseDirectory.db_url, due)
     with Gradebook(config.CourseDirectory.db_url) as gb:
         for student in students:
             gb.update_or_create_student(student)
@@ -232,6 +252,8 @@ def merge_job(gradebook: str, job_dir: str, student: str, stem: str, source: str
             target.auto_score = grade.auto_score
             target.manual_score = grade.manual_score
             target.needs_manual_grade = grade.needs_manual_grade
+        main.find_submission_notebook(stem, ASSIGNMENT, student).late_submission_penalty = \
+            job.find_submission_notebook(stem, ASSIGNMENT, student).late_submission_penalty
         for comment in job.find_submission_notebook(stem, ASSIGNMENT, student).comments:
             target = main.find_comment(comment.name, stem, ASSIGNMENT, student)
             target.auto_comment, target.manual_comment = comment.auto_comment, comment.manual_comment
@@ -313,7 +335,8 @@ def run_process(target, args: tuple, timeout: float, group: JobGroup | None = No
 
 
 def grade_notebook(template: Path, digest: str, job_dir: Path, student: str, stem: str, notebook: Path,
-                   limits: Limits, isolate: bool, group: JobGroup | None = None) -> NotebookResult:
+                   limits: Limits, isolate: bool, group: JobGroup | None = None,
+                   due: str | None = None) -> NotebookResult:
     """Autograde one submitted notebook in ``job_dir`` (a verified copy of the template).
 
     A job that fails without reaching its wall-clock limit (nbgrader raised, e.g. a kernel
@@ -330,7 +353,7 @@ def grade_notebook(template: Path, digest: str, job_dir: Path, student: str, ste
         shutil.copyfile(notebook, submitted / f"{stem}.ipynb")  # a copy: the learner's file stays as is
         if (Path(notebook).parent / "timestamp.txt").is_file():  # nbgrader collect's, if any
             shutil.copyfile(Path(notebook).parent / "timestamp.txt", submitted / "timestamp.txt")
-        code = run_process(autograde_job, (str(run_dir), student, stem, asdict(limits), isolate),
+        code = run_process(autograde_job, (str(run_dir), student, stem, asdict(limits), isolate, due),
                            timeout=max(1.0, limits.notebook_timeout - (time.perf_counter() - started)),
                            group=group)
         result.job_dir = str(run_dir)
@@ -347,6 +370,7 @@ def grade_notebook(template: Path, digest: str, job_dir: Path, student: str, ste
         result.score, result.max_score = data["score"], data["max_score"]
         result.problem, result.flags, result.sandbox = data["problem"], data["flags"], data["sandbox"]
         result.feedback, result.autograded = data["feedback"], data["autograded"]
+        result.seconds_late, result.late_penalty = data["seconds_late"], data["late_penalty"]
         result.graded = True
     return result
 
@@ -360,10 +384,11 @@ def _log_reason(log: Path) -> str:
     return one_line(errors[-1] if errors else "no log was written") + "."
 
 
-def record_class(course: Path, log_dir: Path, students: list[str], group: JobGroup | None = None) -> None:
-    """Release the assignment in the class course and record every student's submission."""
+def record_class(course: Path, log_dir: Path, students: list[str], group: JobGroup | None = None,
+                 due: str | None = None) -> None:
+    """Release the assignment (due ``due``) in the class course and record every student's submission."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    code = run_process(record_job, (str(Path(course).resolve()), str(log_dir), students), timeout=300,
+    code = run_process(record_job, (str(Path(course).resolve()), str(log_dir), students, due), timeout=300,
                        group=group)
     if code != 0:
         raise UserError(f"recording the class in {course} failed: " + _log_reason(log_dir / "nbgrader.log"))
