@@ -5,12 +5,20 @@ c = get_config()  # noqa: F821  (nbgrader injects get_config)
 c.CourseDirectory.course_id = "backprop-ninja"
 
 # The exchange (release_assignment, fetch_assignment, submit, collect) is this course's own
-# exchange/ folder, made here on first use, so nothing needs /usr/local/share or root; a copy
-# of the course (autograde's --out DIR/course) has its own. World-writable and sticky like
-# /tmp, as nbgrader's exchange must be for students on the same machine.
+# exchange/ folder, made here on first use, so nothing needs /usr/local/share or root. A graded
+# copy of a course (autograde's --out DIR/course) returns feedback through the exchange its
+# submissions were collected from, which autograde names in exchange.txt beside this file;
+# otherwise it has its own. World-writable and sticky like /tmp, as nbgrader's exchange must be
+# for students on the same machine.
 import os  # noqa: E402
 
-c.Exchange.root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exchange")
+_here = os.path.dirname(os.path.abspath(__file__))
+_named = os.path.join(_here, "exchange.txt")
+if os.path.isfile(_named):
+    with open(_named, encoding="utf-8") as _f:
+        c.Exchange.root = _f.read().strip()
+else:
+    c.Exchange.root = os.path.join(_here, "exchange")
 if not os.path.isdir(c.Exchange.root):
     os.makedirs(c.Exchange.root, exist_ok=True)
     os.chmod(c.Exchange.root, 0o1777)

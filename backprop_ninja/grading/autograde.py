@@ -34,6 +34,7 @@ from backprop_ninja.grading.course import (
     COURSE,
     NOTEBOOKS,
     cached_template,
+    copy_submission_files,
     course_notebooks,
     keep_template,
     read_notebook,
@@ -88,6 +89,13 @@ class ClassResults:
 def submissions_root(submissions: Path) -> Path:
     """The folder that holds the student folders: ``submitted/`` when given an nbgrader course."""
     return submissions / "submitted" if (submissions / "submitted").is_dir() else submissions
+
+
+def collected_course(submissions: Path) -> Path | None:
+    """The nbgrader course whose ``submitted/`` folder ``submissions`` is (or holds), if any."""
+    root = submissions_root(Path(submissions)).resolve()
+    course = root.parent
+    return course if root.name == "submitted" and (course / "nbgrader_config.py").is_file() else None
 
 
 def find_submissions(submissions: Path, stems) -> dict[str, dict[str, Path]]:
@@ -180,9 +188,9 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
             folder.mkdir(parents=True)
             for stem, path in notebooks.items():
                 shutil.copyfile(path, folder / f"{stem}.ipynb")
-                if (path.parent / "timestamp.txt").is_file():
-                    shutil.copyfile(path.parent / "timestamp.txt", folder / "timestamp.txt")
-        jobs.record_class(main_course, scratch / "record", list(students), group, due)
+                copy_submission_files(path.parent, folder)
+        jobs.record_class(main_course, scratch / "record", list(students), group, due,
+                          publication.submissions and collected_course(publication.submissions))
     todo = []
     for student, notebooks in students.items():
         results.results[student] = {}
@@ -231,9 +239,7 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
                                                   stem, group)
                 except UserError as exc:  # keep grading the class; fail at the end
                     unrecorded.append(str(exc))
-                dest = main_course / "autograded" / student / ASSIGNMENT
-                dest.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(res.autograded, dest / f"{stem}.ipynb")
+                _keep_autograded(Path(res.autograded), main_course, student)
             if feedback_to is not None:
                 res.feedback = _save_feedback(res, feedback_to(student, stem))
             results.results[student][stem] = res
@@ -298,12 +304,20 @@ def _kept(entry: dict | None, sha: str, publication: Publication, scratch: Path,
                                       student, stem, group, source=before / "gradebook.db")
     except UserError:  # the earlier gradebook does not have it after all: grade it again
         return None
-    dest = course / "autograded" / student / ASSIGNMENT
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(autograded, dest / f"{stem}.ipynb")
+    _keep_autograded(autograded, course, student)
     feedback = publication.out / "feedback" / student / f"{stem}.html"
     res.feedback = str(feedback) if feedback.is_file() else None
     return res
+
+
+def _keep_autograded(notebook: Path, course: Path, student: str) -> None:
+    """An autograded notebook into the class course, with the submission's files beside it as
+    nbgrader's autograde leaves them (``generate_feedback`` copies them to the feedback, and
+    ``release_feedback`` needs them)."""
+    dest = course / "autograded" / student / ASSIGNMENT
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(notebook, dest / notebook.name)
+    copy_submission_files(notebook.parent, dest)
 
 
 def _save_feedback(res: NotebookResult, dest: Path) -> str:

@@ -25,6 +25,9 @@ ASSIGNMENT = "backprop"
 NOTEBOOKS = REPO / "notebooks"
 SOLUTIONS = REPO / "solutions"
 TEMPLATE_FILES = ("nbgrader_config.py", "gradebook.db", "source", "max_scores.json")
+# What nbgrader's submit and collect leave beside a submission's notebooks: when it was handed in
+# (lateness) and the secret that names its returned feedback (release_feedback, fetch_feedback).
+SUBMISSION_FILES = ("timestamp.txt", "submission_secret.txt")
 
 
 def source_dir(course: Path = COURSE) -> Path:
@@ -118,6 +121,13 @@ def keep_template(made: Path, course: Path = COURSE) -> tuple[Path, str]:
         shutil.rmtree(cache_dir() / f".{key}.{os.getpid()}", ignore_errors=True)
         found = cached_template(course)
         return found if found else (made, expected)
+
+
+def copy_submission_files(source: Path, dest: Path) -> None:
+    """The ``SUBMISSION_FILES`` of the submission folder ``source`` that exist, into ``dest``."""
+    for name in SUBMISSION_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, Path(dest) / name)
 
 
 def copy_template(template: Path, expected: str, dest: Path) -> None:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from backprop_ninja import UserError
-from backprop_ninja.grading.course import ASSIGNMENT, copy_template
+from backprop_ninja.grading.course import ASSIGNMENT, copy_submission_files, copy_template
 from backprop_ninja.grading.sandbox import Limits
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -207,20 +207,39 @@ def one_line(text: str, width: int = 300) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def record_job(course: str, log_dir: str, students: list[str], due: str | None = None) -> None:
+def _exchange_of(course: Path) -> str:
+    """The exchange an nbgrader course releases into and collects from: its config's
+    ``Exchange.root``, else nbgrader's default."""
+    from nbgrader.exchange.default.exchange import Exchange
+    from traitlets.config.loader import PyFileConfigLoader
+
+    config = PyFileConfigLoader("nbgrader_config.py", path=str(course)).load_config()
+    return str(config.Exchange.root) if "root" in config.Exchange else Exchange.root.default_value
+
+
+def record_job(course: str, log_dir: str, students: list[str], due: str | None = None,
+               collected_from: str | None = None) -> None:
     """Job process: the class course as nbgrader's own apps leave it: the assignment released
-    (into the course's exchange) with its due date, every student and their submission, with
-    the timestamp of ``submitted/<student>/backprop/timestamp.txt`` where the submission had one."""
+    with its due date, every student and their submission, with the timestamp of
+    ``submitted/<student>/backprop/timestamp.txt`` where the submission had one. Its exchange is
+    that of ``collected_from`` (the course whose ``submitted/`` is graded: feedback released from
+    the formgrader reaches the learners who submitted there; the assignment is released there
+    already), else its own."""
     from nbgrader.api import Gradebook
     from nbgrader.apps import NbGraderAPI
 
     course_path = Path(course)
     _enter_job(Path(log_dir))
+    if collected_from:  # read by the course's nbgrader_config.py
+        (course_path / "exchange.txt").write_text(_exchange_of(Path(collected_from)) + "\n")
     config = job_config(course_path, Limits(), isolate=False)
     coursedir = _coursedir(course_path, config)
-    released = NbGraderAPI(coursedir=coursedir, config=config).release_assignment(ASSIGNMENT)
-    if not released["success"]:
-        raise RuntimeError(f"ReleaseError: {one_line(released.get('log') or released.get('error') or '')}")
+    api = NbGraderAPI(coursedir=coursedir, config=config)
+    if ASSIGNMENT not in api.get_released_assignments():
+        released = api.release_assignment(ASSIGNMENT)
+        if not released["success"]:
+            why = released.get("log") or released.get("error") or ""
+            raise RuntimeError(f"ReleaseError: {one_line(why)}")
     _set_due(config.CourseDirectory.db_url, due)
     with Gradebook(config.CourseDirectory.db_url) as gb:
         for student in students:
@@ -351,8 +370,7 @@ def grade_notebook(template: Path, digest: str, job_dir: Path, student: str, ste
         submitted = run_dir / "submitted" / student / ASSIGNMENT
         submitted.mkdir(parents=True)
         shutil.copyfile(notebook, submitted / f"{stem}.ipynb")  # a copy: the learner's file stays as is
-        if (Path(notebook).parent / "timestamp.txt").is_file():  # nbgrader collect's, if any
-            shutil.copyfile(Path(notebook).parent / "timestamp.txt", submitted / "timestamp.txt")
+        copy_submission_files(Path(notebook).parent, submitted)  # nbgrader collect's, if any
         code = run_process(autograde_job, (str(run_dir), student, stem, asdict(limits), isolate, due),
                            timeout=max(1.0, limits.notebook_timeout - (time.perf_counter() - started)),
                            group=group)
@@ -385,11 +403,13 @@ def _log_reason(log: Path) -> str:
 
 
 def record_class(course: Path, log_dir: Path, students: list[str], group: JobGroup | None = None,
-                 due: str | None = None) -> None:
-    """Release the assignment (due ``due``) in the class course and record every student's submission."""
+                 due: str | None = None, collected_from: Path | None = None) -> None:
+    """Release the assignment (due ``due``) in the class course and record every student's
+    submission; with ``collected_from``, through that course's exchange (``record_job``)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    code = run_process(record_job, (str(Path(course).resolve()), str(log_dir), students, due), timeout=300,
-                       group=group)
+    code = run_process(record_job, (str(Path(course).resolve()), str(log_dir), students, due,
+                                    collected_from and str(Path(collected_from).resolve())),
+                       timeout=300, group=group)
     if code != 0:
         raise UserError(f"recording the class in {course} failed: " + _log_reason(log_dir / "nbgrader.log"))
 
