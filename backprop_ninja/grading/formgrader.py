@@ -1,20 +1,27 @@
 """``backprop-ninja formgrader [OUT]``: nbgrader's formgrader on the course ``autograde`` wrote.
 
 JupyterLab starts in ``OUT/course`` (nbgrader reads the course's config from the folder it
-starts in), on loopback, on a free port, with a token of its own, so the one URL printed is
-the one to open; ``--allow-root`` when run as root (containers, CI), as ``make lab`` does.
-The URL opens JupyterLab with the formgrader (*Nbgrader -> Formgrader*) already open.
+starts in), on loopback, on a free port, with a token of its own; ``--allow-root`` when run
+as root (containers, CI), as ``make lab`` does. The one URL to open is printed once the server
+answers (loading nbgrader takes seconds, and a URL that refuses the connection looks broken);
+it opens JupyterLab with the formgrader (*Nbgrader -> Formgrader*) already open.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from backprop_ninja import UserError
+
+STARTUP_SECONDS = 120
 
 
 def find_course(out: Path) -> Path:
@@ -45,18 +52,47 @@ def lab_command(course: Path, port: int) -> list[str]:
 
 
 def url(port: int, token: str) -> str:
-    return f"http://127.0.0.1:{port}/lab?formgrader=true&token={token}"
+    """JupyterLab in a workspace of its own, reset, with the formgrader open (a restored layout
+    would put whatever tab was last in front of it)."""
+    return f"http://127.0.0.1:{port}/lab/workspaces/formgrader?reset&formgrader=true&token={token}"
 
 
 def run_formgrader(out: str, port: int | None = None) -> int:
-    """Print the URL, then become JupyterLab (Ctrl-C stops it)."""
+    """Start JupyterLab, print the URL once it answers, and wait for it (its exit status).
+    Ctrl-C is JupyterLab's: it asks, and a second Ctrl-C stops it."""
     course = find_course(Path(out))
     port = port or free_port()
     token = secrets.token_hex(24)
-    print(f"formgrader on {course}:\n  {url(port, token)}\n"
-          "open it in a browser (the Formgrader tab opens by itself; otherwise Nbgrader -> Formgrader); "
-          "Ctrl-C twice stops it.", flush=True)
-    argv = lab_command(course, port)
-    os.chdir(course)
-    os.execve(argv[0], argv, {**os.environ, "JUPYTER_TOKEN": token})
-    return 0  # not reached
+    print(f"starting nbgrader's formgrader on {course} ...", flush=True)
+    server = subprocess.Popen(lab_command(course, port), cwd=course, preexec_fn=_die_with_parent,
+                              env={**os.environ, "JUPYTER_TOKEN": token})
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the lab, in the same terminal, gets Ctrl-C itself
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while not _answers(port, token):
+        if server.poll() is not None:
+            raise UserError(f"JupyterLab stopped (exit status {server.returncode}) before it served the "
+                            "formgrader; its log is above.")
+        if time.monotonic() > deadline:
+            server.kill()
+            raise UserError(f"JupyterLab did not answer on port {port} within {STARTUP_SECONDS} s; "
+                            "its log is above.")
+        time.sleep(0.25)
+    print(f"open this in a browser (the Formgrader tab opens by itself; otherwise Nbgrader -> Formgrader):\n"
+          f"  {url(port, token)}\nCtrl-C twice stops it.", flush=True)
+    return server.wait()
+
+
+def _die_with_parent() -> None:
+    """In the lab's process: it gets SIGTERM when this command ends, however it ends."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _answers(port: int, token: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=2):  # noqa: S310
+            return True
+    except OSError:
+        return False
