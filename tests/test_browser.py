@@ -11,14 +11,11 @@ Screenshots (looked at, and checked by the assertions) go to artifacts/browser/.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -28,15 +25,20 @@ from types import SimpleNamespace
 
 import nbformat
 import pytest
+from browser import (
+    ARTIFACTS,
+    chromium,
+    chromium_page,
+    free_port,
+    kept_if_failed,
+    kill_leftovers,
+    lab_environment,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 SOLUTION = ROOT / "solutions" / "01_stepwise_backprop.ipynb"
-ARTIFACTS = ROOT / "artifacts" / "browser"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 # The planted mistake: a flipped sign in dh. dW2, db2 and everything before stay right; every
 # gradient after dh follows correctly from the wrong dh ("inherited"), so the report counts 11/26
 # and the grader, judging line by line, gives 25/26.
@@ -61,15 +63,6 @@ tensors, ref = model.autograd_reference(params, Xb, Yb)
 grads = dict(ref, h=-ref["h"])""",
     "report = show_report(grads, tensors, ref)",
 ]
-
-
-def _chromium() -> str:
-    if not Path(CHROMIUM).exists():
-        reason = f"{CHROMIUM} is missing: install Debian's Chromium with `make system-deps` (as root)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)  # CI must prove the widget in a browser, never skip it
-        pytest.skip(reason)
-    return CHROMIUM
 
 
 def _planted_solution() -> nbformat.NotebookNode | None:
@@ -105,12 +98,6 @@ def _planted_notebook(folder: Path) -> tuple[Path, bool]:
     return path, from_solution
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _kernel_environments(marker: str) -> list[dict[str, str]]:
     """The environment of every kernel whose command line names ``marker`` (its runtime dir)."""
     found = []
@@ -125,37 +112,14 @@ def _kernel_environments(marker: str) -> list[dict[str, str]]:
     return found
 
 
-def _kill_leftovers(marker: str) -> None:
-    """Kernels and graders run in sessions of their own; find ours by the scratch folder in their
-    command line (the server's root, the runtime dir, the notebook being graded)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """The learner's lab, shared by this module's tests: `make lab` serving a scratch work folder
     on 127.0.0.1 with a token; always stopped, with its kernels and graders, afterwards."""
     tmp_path = tmp_path_factory.mktemp("lab")
-    port, token = _free_port(), secrets.token_hex(16)
-    runtime = tmp_path / "runtime"
-    config = tmp_path / "config"  # no user configuration of this machine's
-    (config / "labconfig").mkdir(parents=True)
-    # No "news" or update pop-up over the page.
-    (config / "labconfig" / "page_config.json").write_text(json.dumps(
-        {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(config), JUPYTER_RUNTIME_DIR=str(runtime),
-               JUPYTER_PLATFORM_DIRS="1")
+    port, token = free_port(), secrets.token_hex(16)
+    env = lab_environment(tmp_path)
+    runtime = Path(env["JUPYTER_RUNTIME_DIR"])
     work = tmp_path / "work"
     work.mkdir()
     args = " ".join([
@@ -193,39 +157,12 @@ def lab(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait(timeout=10)
-        _kill_leftovers(str(tmp_path))
+        kill_leftovers(str(tmp_path))
         log.close()
 
 
-@contextlib.contextmanager
-def _kept_if_failed(page, name: str):
-    """If the block fails, a screenshot of the page is kept as artifacts/browser/failed-<name>.png
-    for whoever reads the failure."""
-    try:
-        yield page
-    except BaseException:
-        with contextlib.suppress(Exception):
-            page.screenshot(path=str(ARTIFACTS / f"failed-{name}.png"), full_page=True)
-        raise
-
-
-@contextlib.contextmanager
-def _chromium_page(name: str, viewport: dict):
-    """A page of a fresh headless Chromium, kept as a screenshot if the block fails."""
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
-        try:
-            with _kept_if_failed(browser.new_page(viewport=viewport), name) as page:
-                yield page
-        finally:
-            browser.close()
-
-
 def _open_and_run_all(page, base: str, token: str, notebook: Path) -> None:
-    _chromium()  # before any slow work: fails under CI, else skips, without Chromium
+    chromium()  # before any slow work: fails under CI, else skips, without Chromium
     from playwright.sync_api import expect
 
     # a workspace of its own: the lab is shared, and its default workspace reopens earlier notebooks
@@ -264,11 +201,11 @@ def _images_painted(locator) -> None:
 
 
 def test_report_widget_renders_in_jupyterlab(lab, tmp_path):
-    _chromium()  # before any slow work: fails under CI, else skips, without Chromium
+    chromium()  # before any slow work: fails under CI, else skips, without Chromium
     from playwright.sync_api import expect
 
     notebook, from_solution = _planted_notebook(lab.work)
-    with _chromium_page("report", {"width": 1500, "height": 1300}) as page:
+    with chromium_page("report", {"width": 1500, "height": 1300}) as page:
         _open_and_run_all(page, lab.base, lab.token, notebook)
 
         reports = page.locator(".backprop-ninja-report")
@@ -361,7 +298,7 @@ def graded_in_lab(lab):
     """Exercise 1's solution with the planted mistake, as 01_stepwise_backprop.ipynb in the learner's
     lab: Run All, until grade_me() (its last cell) shows the result. The page stays open for the
     tests below; the grading it did made the feedback page the next test opens."""
-    _chromium()  # before any slow work: fails under CI, else skips, without Chromium
+    chromium()  # before any slow work: fails under CI, else skips, without Chromium
     from playwright.sync_api import expect
 
     nb = _planted_solution()
@@ -372,7 +309,7 @@ def graded_in_lab(lab):
     notebook = lab.work / "01_stepwise_backprop.ipynb"  # a course notebook's own name: grade accepts it
     nbformat.write(nb, notebook)
     written = notebook.stat().st_mtime_ns
-    with _chromium_page("grade_me", {"width": 1400, "height": 1000}) as page:
+    with chromium_page("grade_me", {"width": 1400, "height": 1000}) as page:
         _open_and_run_all(page, lab.base, lab.token, notebook)
         result = page.locator(".bn-grade-me-result")
         expect(result).to_be_visible(timeout=600_000)  # the whole notebook, then the grading
@@ -383,7 +320,7 @@ def test_grade_me_grades_the_notebook_in_the_learners_lab(lab, graded_in_lab):
     from playwright.sync_api import expect
 
     page, result, notebook = graded_in_lab.page, graded_in_lab.result, graded_in_lab.notebook
-    with _kept_if_failed(page, "grade_me"):
+    with kept_if_failed(page, "grade_me"):
         # a learner's lab: no instructor tools, no Validate button
         expect(page.locator(".lm-MenuBar-item", has_text="Run").first).to_be_visible()
         assert page.locator(".lm-MenuBar-item", has_text="Nbgrader").count() == 0
@@ -423,7 +360,7 @@ def test_feedback_html_opens_with_the_verdict_and_wraps_long_lines(lab, graded_i
     assert feedback.is_file()
     # a second tab of the same browser (Playwright's sync API runs one browser at a time)
     page = graded_in_lab.page.context.browser.new_page(viewport={"width": 1000, "height": 900})
-    with _kept_if_failed(page, "feedback"):
+    with kept_if_failed(page, "feedback"):
         page.goto(feedback.as_uri(), timeout=60_000)
         summary = page.locator(".bn-feedback-summary")
         if summary.count():  # the summary the feedback opens with: in the first screenful
