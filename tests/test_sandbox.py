@@ -15,7 +15,7 @@ import pytest
 
 from backprop_ninja.grading import course
 from backprop_ninja.grading.sandbox import Box, Limits, probe
-from backprop_ninja.grading.steps import BoxedKernelManager
+from backprop_ninja.grading.steps import BoxedKernelManager, SandboxedExecute
 
 pytestmark = pytest.mark.slow
 
@@ -137,6 +137,18 @@ def test_it_writes_only_its_small_home_and_tmp(kernel):
     assert status == "error" and "File too large" in err, err
     status, _, err = kernel.run("for i in range(4): open(f'/tmp/part{i}', 'wb').write(b'x' * (3 << 20))")
     assert status == "error" and "No space left" in err, err  # over home_bytes (the size of /tmp)
+
+
+def test_the_grading_step_locks_the_kernels_socket_folder_once_it_is_up(tmp_path):
+    """nbgrader's execute step (SandboxedExecute), not only a Box used by hand, takes the runtime
+    folder back from the kernel as soon as its sockets exist."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import pathlib, sys\nopen(pathlib.Path(sys.argv[sys.argv.index('-f') + 1]).parent / 'x', 'w')")])
+    SandboxedExecute(scratch=str(tmp_path), timeout=60).preprocess(nb, {})
+    errors = [o for o in nb.cells[0].outputs if o.output_type == "error"]
+    assert errors and errors[0].ename == "PermissionError", nb.cells[0].outputs
 
 
 def test_it_may_fill_the_slots_the_grader_made_and_nothing_else(kernel):

@@ -285,13 +285,14 @@ def merge_job(gradebook: str, job_dir: str, student: str, stem: str, source: str
 
 
 def _context():
-    """Jobs fork from a server that has already imported nbgrader (seconds saved per job)."""
+    """Jobs fork from a server that has already imported nbgrader (seconds saved per job) and
+    filled the caches every job would fill again (``warm``: about a second of CPU per job)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["backprop_ninja.grading.jobs", "backprop_ninja.grading.steps",
                                 "nbgrader.converters", "nbgrader.api", "nbgrader.preprocessors", "nbclient",
-                                "nbconvert"])
+                                "nbconvert", "backprop_ninja.grading.warm"])
     return ctx
 
 

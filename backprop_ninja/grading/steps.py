@@ -31,6 +31,7 @@ from pathlib import Path
 import zmq
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.utils import run_sync
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbformat import read as _read
 from nbformat.notebooknode import NotebookNode, from_dict
@@ -212,6 +213,10 @@ class SandboxedExecute(Execute):
         kc = await super().async_start_new_kernel_client()
         self._box.lock()  # its sockets exist: from now on it cannot add files there
         return kc
+
+    # nbclient's setup_kernel calls this synchronous alias, which NotebookClient bound to its own
+    # coroutine when the class was made: without it, the override above (the lock) never runs.
+    start_new_kernel_client = run_sync(async_start_new_kernel_client)
 
     def preprocess_cell(self, cell, resources, index):
         if cell.cell_type != "code":
