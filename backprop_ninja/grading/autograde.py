@@ -60,6 +60,7 @@ class ClassResults:
     earlier: bool = False                # --out held an earlier run's results
     kept: int = 0                        # notebooks unchanged since then: their grades kept
     resumed: int = 0                     # graded by a run stopped before it published: taken from its journal
+    graded_now: int = 0                  # notebooks sent to grading in this run
     changed: list[str] = field(default_factory=list)  # student/stem changed since then: graded again
 
     def total(self, student: str) -> float:
@@ -257,6 +258,7 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
         else:
             tasks_todo.append(task)
 
+    results.graded_now = len(tasks_todo)
     bar = tqdm(total=len(tasks_todo), desc="autograding", unit="notebook", disable=not progress or None)
     outcomes = run_here(tasks_todo, jobs_at_once, scratch / "jobs", group, (template, digest)) \
         if cluster is None else cluster.run(tasks_todo)
@@ -379,8 +381,8 @@ def run_autograde(submissions: str, jobs_at_once: int = 1, out: str = "autograde
     results = autograde_class(Path(submissions), jobs_at_once=jobs_at_once, out=Path(out),
                               isolate=not no_sandbox, due=due, scheduler=scheduler)
     if results.resumed:
-        print(f"{results.resumed} notebook(s) already graded before the interruption were skipped "
-              f"(their results were kept in {out}).")
+        print(f"{results.resumed} notebook(s) already graded before the interruption were skipped (their "
+              f"results were kept in {out}); {results.graded_now} graded in this run.")
     if results.earlier:
         changed = ", ".join(results.changed[:5]) + (" ..." if len(results.changed) > 5 else "")
         print(f"{results.kept} notebook(s) unchanged since the last run in {out} kept their grades; "

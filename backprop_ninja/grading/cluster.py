@@ -15,13 +15,41 @@ notebook is reported as not graded, with the reason. Every other outcome is kept
 from __future__ import annotations
 
 import contextlib
+import threading
+import uuid
 
 from backprop_ninja import UserError
+from backprop_ninja.grading import jobs
 from backprop_ninja.grading.jobs import NotebookResult
 from backprop_ninja.grading.tasks import Outcome, Refused, Task, can_grade, grade
 
 CONNECT_SECONDS = 10
 WORKER_WAIT_SECONDS = 60   # for a first worker to connect
+
+
+def grade_on_worker(task: Task) -> Outcome:
+    """``tasks.grade`` on a Dask worker; the outcome names the worker. Dask cannot stop a running
+    task, so a watcher does: once the scheduler cancels it (Ctrl-C, or its coordinator is gone),
+    its grading process and sandboxed kernel are killed."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    key, group, done = worker.get_current_task(), jobs.JobGroup(), threading.Event()
+
+    def watch() -> None:
+        while not done.wait(1):
+            state = getattr(worker.state.tasks.get(key), "state", None)
+            if state in (None, "cancelled", "released", "forgotten"):
+                group.stop()
+                return
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        outcome = grade(task, group=group)
+    finally:
+        done.set()
+    outcome.result.machine = worker.address
+    return outcome
 
 
 class Cluster:
@@ -67,7 +95,8 @@ class Cluster:
         block early cancels the tasks not finished."""
         from distributed import as_completed
 
-        futures = {self.client.submit(grade, task, key=f"grade-{task.student}/{task.stem}-{task.key[:12]}"):
+        run = uuid.uuid4().hex[:8]  # a task of a stopped run is never mistaken for this run's
+        futures = {self.client.submit(grade_on_worker, task, key=f"grade-{task.student}/{task.stem}-{run}"):
                    task for task in todo}
         try:
             arriving = as_completed(futures, loop=self.client.loop)

@@ -38,8 +38,7 @@ class Journal:
             if getattr(outcome, attr) is not None:
                 (partial / name).write_bytes(getattr(outcome, attr))
         (partial / "nbgrader.log").write_text(outcome.log)
-        (partial / "result.json").write_text(json.dumps({"key": task.key, "machine": outcome.machine,
-                                                         "result": asdict(outcome.result)}))
+        (partial / "result.json").write_text(json.dumps({"key": task.key, "result": asdict(outcome.result)}))
         shutil.rmtree(entry, ignore_errors=True)
         os.rename(partial, entry)
         return self._result(entry, asdict(outcome.result))

@@ -66,7 +66,6 @@ class Outcome:
     autograded: bytes | None = None     # the autograded notebook
     feedback: bytes | None = None       # nbgrader's HTML feedback
     log: str = ""                       # the end of nbgrader's log
-    machine: str = ""
 
 
 def template(scratch: Path, course: Path = COURSE, group: jobs.JobGroup | None = None) -> tuple[Path, str]:
@@ -109,7 +108,8 @@ def grade(task: Task, scratch: Path | None = None, group: jobs.JobGroup | None =
             (handed_in.parent / "timestamp.txt").write_text(task.timestamp)
         res = jobs.grade_notebook(folder, digest, scratch / name, task.student, task.stem, handed_in,
                                   task.limits, task.isolate, group, task.due)
-        outcome = Outcome(res, machine=machine)
+        res.machine = machine
+        outcome = Outcome(res)
         job = Path(res.job_dir)
         if res.graded:
             outcome.gradebook = (job / "gradebook.db").read_bytes()
