@@ -534,7 +534,7 @@ def test_a_grade_that_cannot_be_recorded_exits_non_zero_and_publishes_nothing(gr
     after = _tree(root / "results")
     journaled = {path for path in after if path.split("/")[0] == folders.JOURNAL}
     assert {k: v for k, v in after.items() if k not in journaled} == published  # the last run's, whole
-    assert {f"{folders.JOURNAL}/{s}/{CE}/result.json" for s in ("ada", "bob")} <= journaled  # for a rerun
+    assert f"{folders.JOURNAL}/bob/{CE}/result.json" in journaled  # bob's, for a rerun
     assert sorted(p.name for p in root.iterdir()) == beside  # no staging folder left
 
 
