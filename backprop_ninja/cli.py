@@ -31,7 +31,7 @@ def _autograde(args: argparse.Namespace) -> int:
     from backprop_ninja.grading.autograde import run_autograde
 
     return run_autograde(args.submissions, jobs_at_once=args.jobs, out=args.out, no_sandbox=args.no_sandbox,
-                         due=args.due)
+                         due=args.due, scheduler=args.scheduler)
 
 
 def _formgrader(args: argparse.Namespace) -> int:
@@ -134,7 +134,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("submissions", metavar="SUBMISSIONS",
                    help="folder with one sub-folder per student (or nbgrader's submitted/)")
     p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
-                   help="notebooks executing at once (default 1)")
+                   help="notebooks executing at once on this machine (default 1)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="grade on the workers of this running Dask scheduler (e.g. tcp://127.0.0.1:8786) "
+                   "instead of on this machine; --jobs is then not used")
     p.add_argument("--out", default="autograde-out", metavar="DIR",
                    help="where grades.csv and feedback/ go (default ./autograde-out)")
     p.add_argument("--no-sandbox", action="store_true",

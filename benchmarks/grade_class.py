@@ -26,12 +26,13 @@ from backprop_ninja.grading.course import ASSIGNMENT, NOTEBOOKS, SOLUTIONS, cour
 from backprop_ninja.grading.sandbox import probe
 
 
-def make_class(root: Path, students: int) -> Path:
-    """``root/submitted/<student>/backprop/*.ipynb``: even students right, odd ones untouched."""
+def make_class(root: Path, students: int, stems=None) -> Path:
+    """``root/submitted/<student>/backprop/*.ipynb`` (the notebooks ``stems``, default all): even
+    students right, odd ones untouched."""
     for k in range(students):
         folder = root / "submitted" / f"student{k:02d}" / ASSIGNMENT
         folder.mkdir(parents=True)
-        for stem in course_notebooks():
+        for stem in stems or course_notebooks():
             shutil.copy((SOLUTIONS if k % 2 == 0 else NOTEBOOKS) / f"{stem}.ipynb", folder / f"{stem}.ipynb")
     return root
 

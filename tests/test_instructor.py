@@ -531,7 +531,10 @@ def test_a_grade_that_cannot_be_recorded_exits_non_zero_and_publishes_nothing(gr
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "1 grade(s) could not be recorded in the class gradebook, so nothing was published" in err
     assert f"recording bob/{CE}" in err and "unable to open database file" in err
-    assert _tree(root / "results") == published  # grades.csv and the gradebook: the last run's, whole
+    after = _tree(root / "results")
+    journaled = {path for path in after if path.split("/")[0] == folders.JOURNAL}
+    assert {k: v for k, v in after.items() if k not in journaled} == published  # the last run's, whole
+    assert f"{folders.JOURNAL}/bob/{CE}/result.json" in journaled  # bob's, for a rerun
     assert sorted(p.name for p in root.iterdir()) == beside  # no staging folder left
 
 

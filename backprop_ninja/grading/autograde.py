@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 import textwrap
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,15 +32,16 @@ from backprop_ninja.grading.course import (
     ASSIGNMENT,
     COURSE,
     NOTEBOOKS,
-    cached_template,
     copy_submission_files,
     course_notebooks,
-    keep_template,
     read_notebook,
 )
-from backprop_ninja.grading.folders import Publication, scratch_folder
+from backprop_ninja.grading.folders import JOURNAL, Publication, scratch_folder
 from backprop_ninja.grading.jobs import NotebookResult
+from backprop_ninja.grading.journal import Journal
 from backprop_ninja.grading.sandbox import Limits, probe
+from backprop_ninja.grading.tasks import Task, run_here
+from backprop_ninja.grading.tasks import template as released_course
 
 LEARNER = "learner"                     # student id used by ``grade``
 RECORD = "notebooks.json"               # in --out: each graded notebook's SHA-256 and result
@@ -60,6 +60,8 @@ class ClassResults:
     sandbox: str = "on"
     earlier: bool = False                # --out held an earlier run's results
     kept: int = 0                        # notebooks unchanged since then: their grades kept
+    resumed: int = 0                     # graded by a run stopped before it published: taken from its journal
+    graded_now: int = 0                  # notebooks sent to grading in this run
     changed: list[str] = field(default_factory=list)  # student/stem changed since then: graded again
 
     def total(self, student: str) -> float:
@@ -118,15 +120,13 @@ def find_submissions(submissions: Path, stems) -> dict[str, dict[str, Path]]:
     return found
 
 
-def _template(scratch: Path, course: Path, group: jobs.JobGroup) -> tuple[Path, str]:
-    return cached_template(course) or keep_template(jobs.release(scratch, course, group), course)
-
-
 def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path | None = Path("autograde-out"),
                     limits: Limits | None = None, course: Path = COURSE, progress: bool = True,
                     only: dict[str, dict[str, Path]] | None = None, feedback_to=None,
-                    isolate: bool = True, due: datetime.datetime | None = None) -> ClassResults:
-    """Autograde every student's notebooks, ``jobs_at_once`` notebooks executing at once.
+                    isolate: bool = True, due: datetime.datetime | None = None,
+                    scheduler: str | None = None) -> ClassResults:
+    """Autograde every student's notebooks, ``jobs_at_once`` notebooks executing at once, or
+    on the workers of the Dask ``scheduler`` (an address) when given.
 
     With ``out``: ``out/grades.csv``, ``out/feedback/<student>/<stem>.html`` and ``out/course/``
     (an nbgrader course: gradebook.db with every grade, autograded/, so ``nbgrader export``
@@ -137,20 +137,32 @@ def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path |
     sandbox every kernel where ``sandbox.probe()`` allows it. ``due`` (naive UTC): the
     assignment's due date; a submission whose ``timestamp.txt`` is later is late (nbgrader's
     ``LateSubmissionPlugin`` decides the penalty). On Ctrl-C no job starts any more, running
-    ones are killed with their kernels, and the scratch folder is removed.
+    ones are killed with their kernels, and the scratch folder is removed. Every outcome is
+    journaled in ``out`` as it arrives (``journal``): a run stopped before it published leaves
+    them for the next run, which does not grade those notebooks again.
+
+    With ``scheduler`` every grading task (``tasks.grade``) runs on a Dask worker, which
+    refuses it where it cannot sandbox the kernel (unless ``isolate`` is False); the gradebook
+    and ``out`` are still written here alone, one outcome at a time.
     """
     stems = list(course_notebooks(course))
     students = only if only is not None else find_submissions(submissions, stems)
     with contextlib.ExitStack() as stack:
         publication = None if out is None else \
             stack.enter_context(Publication(out, submissions and submissions_root(Path(submissions))))
+        cluster = None
+        if scheduler is not None:
+            from backprop_ninja.grading.cluster import Cluster
+
+            cluster = stack.enter_context(Cluster(scheduler, isolate))
         jobs.warm_up()
         scratch = stack.enter_context(scratch_folder())
         group = jobs.JobGroup()
         stack.callback(group.stop)  # whatever ends the run (Ctrl-C too) ends its jobs first
+        if scheduler is None:  # here, a kernel runs in the sandbox where this machine has one
+            isolate = isolate and probe() is None
         results = _grade_class(students, stems, scratch, group, publication, jobs_at_once, limits or Limits(),
-                               course, progress, only, feedback_to, isolate and probe() is None,
-                               due and due.isoformat())
+                               course, progress, only, feedback_to, isolate, due and due.isoformat(), cluster)
         if publication is not None:
             publication.publish()
             results.gradebook = publication.out / "course" / "gradebook.db"
@@ -163,13 +175,14 @@ def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path |
 
 def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publication: Publication | None,
                  jobs_at_once: int, limits: Limits, course: Path, progress: bool, only, feedback_to,
-                 isolate: bool, due: str | None = None) -> ClassResults:
+                 isolate: bool, due: str | None = None, cluster=None) -> ClassResults:
     """Grade into ``scratch``; the class's results (with ``publication``) into its staging folder."""
     from tqdm import tqdm
 
-    template, digest = _template(scratch, course, group)
+    template, digest = released_course(scratch, course, group)
     results = ClassResults(stems=stems, max_scores=json.loads((template / "max_scores.json").read_text()),
-                           sandbox="on" if isolate else f"off ({probe() or 'not asked for'})")
+                           sandbox="on" if isolate else
+                           f"off ({'not asked for' if cluster else probe() or 'not asked for'})")
     main_course = None
     if publication is not None:
         staged = publication.staging
@@ -213,7 +226,8 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
     if earlier is not None:  # a notebook unchanged since the run in --out keeps its grade
         results.earlier = True
         for student, stem, path in list(todo):
-            res = _kept(earlier.get((student, stem)), shas[(student, stem)], publication, scratch, group)
+            res = _kept(earlier.get((student, stem)), shas[(student, stem)], path.parent, publication,
+                        scratch, group)
             if res is None:
                 results.changed += [f"{student}/{stem}"] if (student, stem) in earlier else []
                 continue
@@ -223,33 +237,45 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
                 res.feedback = _save_feedback(res, feedback_to(student, stem))
             results.results[student][stem] = res
 
-    bar = tqdm(total=len(todo), desc="autograding", unit="notebook", disable=not progress or None)
-    pool = ThreadPoolExecutor(max_workers=jobs_at_once)
+    def record(res: NotebookResult) -> None:
+        """One graded notebook into the class's results (this thread alone writes them)."""
+        res.max_score = res.max_score or results.max_scores[res.stem]
+        if main_course is not None and res.graded:
+            try:
+                res.score = jobs.merge_grades(main_course / "gradebook.db", scratch / "merges" / res.student /
+                                              res.stem, res.student, res.stem, group,
+                                              source=Path(res.job_dir) / "gradebook.db")
+            except UserError as exc:  # keep grading the class; fail at the end
+                unrecorded.append(str(exc))
+            _keep_autograded(Path(res.autograded), main_course, res.student, res.stem,
+                             students[res.student][res.stem].parent)
+        if feedback_to is not None:
+            res.feedback = _save_feedback(res, feedback_to(res.student, res.stem))
+        results.results[res.student][res.stem] = res
+
+    # every outcome is journaled as it arrives: in --out, where a run after a crash finds it
+    journal = Journal(publication.out / JOURNAL if publication is not None else scratch / "journal")
+    tasks_todo = []
+    for student, stem, path in todo:
+        stamp = path.parent / "timestamp.txt"
+        task = Task(student, stem, path.read_bytes(), stamp.read_text() if stamp.is_file() else None, digest,
+                    limits, isolate, due)
+        if (res := journal.finished(task)) is not None:
+            results.resumed += 1
+            record(res)
+        else:
+            tasks_todo.append(task)
+
+    results.graded_now = len(tasks_todo)
+    bar = tqdm(total=len(tasks_todo), desc="autograding", unit="notebook", disable=not progress or None)
+    outcomes = run_here(tasks_todo, jobs_at_once, scratch / "jobs", group, (template, digest)) \
+        if cluster is None else cluster.run(tasks_todo)
     try:
-        futures = {pool.submit(jobs.grade_notebook, template, digest, scratch / "jobs" / f"{k:04d}",
-                               student, stem, path, limits, isolate, group, due): (student, stem)
-                   for k, (student, stem, path) in enumerate(todo)}
-        for fut in as_completed(futures):  # this thread is the one writer to the class gradebook
-            student, stem = futures[fut]
-            res = fut.result()
-            res.max_score = res.max_score or results.max_scores[stem]
-            if main_course is not None and res.graded:
-                try:
-                    res.score = jobs.merge_grades(main_course / "gradebook.db", Path(res.job_dir), student,
-                                                  stem, group)
-                except UserError as exc:  # keep grading the class; fail at the end
-                    unrecorded.append(str(exc))
-                _keep_autograded(Path(res.autograded), main_course, student)
-            if feedback_to is not None:
-                res.feedback = _save_feedback(res, feedback_to(student, stem))
-            results.results[student][stem] = res
-            bar.update(1)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)  # queued jobs never start
-        group.stop()                                    # running ones die with their kernels
-        raise
+        with outcomes as arriving:
+            for task, outcome in arriving:
+                record(journal.write(task, outcome))
+                bar.update(1)
     finally:
-        pool.shutdown(wait=True)
         bar.close()
     if feedback_to is not None:  # the notebooks that were never run get a note too
         for student, per_stem in results.results.items():
@@ -284,7 +310,7 @@ def _earlier(publication: Publication | None, digest: str, due: str | None) -> d
     return {(n["student"], n["stem"]): n for n in record["notebooks"]}
 
 
-def _kept(entry: dict | None, sha: str, publication: Publication, scratch: Path,
+def _kept(entry: dict | None, sha: str, submission: Path, publication: Publication, scratch: Path,
           group: jobs.JobGroup) -> NotebookResult | None:
     """The earlier run's result for a notebook whose bytes did not change, its grades (manual
     ones and comments too) copied into this run's gradebook; None when it must be graded."""
@@ -304,20 +330,20 @@ def _kept(entry: dict | None, sha: str, publication: Publication, scratch: Path,
                                       student, stem, group, source=before / "gradebook.db")
     except UserError:  # the earlier gradebook does not have it after all: grade it again
         return None
-    _keep_autograded(autograded, course, student)
+    _keep_autograded(autograded, course, student, stem, submission)
     feedback = publication.out / "feedback" / student / f"{stem}.html"
     res.feedback = str(feedback) if feedback.is_file() else None
     return res
 
 
-def _keep_autograded(notebook: Path, course: Path, student: str) -> None:
-    """An autograded notebook into the class course, with the submission's files beside it as
-    nbgrader's autograde leaves them (``generate_feedback`` copies them to the feedback, and
-    ``release_feedback`` needs them)."""
+def _keep_autograded(notebook: Path, course: Path, student: str, stem: str, submission: Path) -> None:
+    """An autograded notebook into the class course as ``<stem>.ipynb``, with the files nbgrader's
+    submit left beside it in the folder ``submission`` (autograde keeps them there;
+    ``generate_feedback`` copies them to the feedback, and ``release_feedback`` needs them)."""
     dest = course / "autograded" / student / ASSIGNMENT
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(notebook, dest / notebook.name)
-    copy_submission_files(notebook.parent, dest)
+    shutil.copyfile(notebook, dest / f"{stem}.ipynb")
+    copy_submission_files(submission, dest)
 
 
 def _save_feedback(res: NotebookResult, dest: Path) -> str:
@@ -361,14 +387,18 @@ def parse_due(text: str) -> datetime.datetime:
 
 
 def run_autograde(submissions: str, jobs_at_once: int = 1, out: str = "autograde-out",
-                  no_sandbox: bool = False, due: datetime.datetime | None = None) -> int:
-    """``backprop-ninja autograde``: grade a class, print where the results are."""
+                  no_sandbox: bool = False, due: datetime.datetime | None = None,
+                  scheduler: str | None = None) -> int:
+    """``backprop-ninja autograde``: grade a class (here or on a Dask cluster); say where the results are."""
     why = probe()
-    if why and not no_sandbox:
+    if why and not no_sandbox and scheduler is None:  # on a cluster, each worker checks its own
         raise UserError(f"learner code cannot be isolated here: {why}. Install bubblewrap, or pass "
                         "--no-sandbox to grade without isolation (only for submissions you trust).")
     results = autograde_class(Path(submissions), jobs_at_once=jobs_at_once, out=Path(out),
-                              isolate=not no_sandbox, due=due)
+                              isolate=not no_sandbox, due=due, scheduler=scheduler)
+    if results.resumed:
+        print(f"{results.resumed} notebook(s) already graded before the interruption were skipped (their "
+              f"results were kept in {out}); {results.graded_now} graded in this run.")
     if results.earlier:
         changed = ", ".join(results.changed[:5]) + (" ..." if len(results.changed) > 5 else "")
         print(f"{results.kept} notebook(s) unchanged since the last run in {out} kept their grades; "

@@ -32,6 +32,7 @@ from backprop_ninja import UserError
 
 SCRATCH_PREFIX = "backprop-ninja-"  # + pid: short, a kernel's socket path must fit in 107 bytes
 MARKER = ".backprop-ninja-autograde"     # in --out: what the run that wrote it published
+JOURNAL = ".backprop-ninja-journal"      # in --out: what the running (or a stopped) run graded (journal.py)
 WRITTEN = ("grades.csv", "feedback", "course")
 
 
@@ -119,13 +120,13 @@ def _relation(out: Path, submissions: Path) -> str | None:
 def _foreign(out: Path) -> list[str]:
     """Entries of an existing ``out`` that no run of this command wrote."""
     names = sorted(p.name for p in out.iterdir())
-    if not names:
+    if not names or names == [JOURNAL]:  # a run stopped before it ever published
         return []
     try:
         written = set(json.loads((out / MARKER).read_text())["written"])
     except (OSError, ValueError, KeyError, TypeError):
         return names
-    return [n for n in names if n != MARKER and n not in written]
+    return [n for n in names if n not in (MARKER, JOURNAL) and n not in written]
 
 
 def check_out(out: Path, submissions: Path | None) -> None:

@@ -64,6 +64,7 @@ class NotebookResult:
     kept: bool = False                  # unchanged since the last run: its grade was kept
     seconds_late: float = 0.0           # handed in after the due date (nbgrader's total_seconds_late)
     late_penalty: float = 0.0           # what nbgrader's LateSubmissionPlugin took off (0: none)
+    machine: str = ""                   # where it was graded: this host, or a Dask worker's address
 
 
 # --------------------------------------------------------------------------- inside a job process

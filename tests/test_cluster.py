@@ -1,0 +1,249 @@
+"""Instructors with a class of thousands: ``autograde --scheduler`` grades on a Dask cluster with the
+same results as ``--jobs`` here, loses nothing when its coordinator or a worker is killed, and
+refuses a scheduler it cannot reach or a worker without the sandbox in one sentence.
+
+One real cluster, as the README starts it by hand (``dask scheduler`` and two ``dask worker``
+processes on 127.0.0.1), is shared by the tests. The class: 12 students, one short notebook each:
+right, wrong, empty, the ex2 submissions of tests/submissions/, a hostile one (it attacks every
+process and file it can reach and leaves a process behind) and one whose worker is killed while
+it grades it, every time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from learner import BN, CE, SUBMISSIONS, add_cell, apply_submission, notebook
+from test_grading import TOKEN, _processes_with
+from test_instructor import WRONG_CE, _start
+
+from backprop_ninja import cli
+from backprop_ninja.grading import autograde, course, folders
+from backprop_ninja.grading.sandbox import Limits, probe
+
+pytestmark = pytest.mark.slow
+
+LIMITS = Limits(cell_timeout=40, notebook_timeout=120, memory=3 << 30)  # as tests/test_grading.py
+# Workers whose tasks may start processes; the scheduler gives a dead worker's task one retry
+# (so the crashing student costs two deaths) and sends each worker one task at a time (so a
+# killed worker takes no queued classmate with it).
+DASK_ENV = {"DASK_DISTRIBUTED__WORKER__DAEMON": "False", "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1",
+            "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"}
+HOSTILE = f"""\
+import glob, os, signal, subprocess
+cache = {str(course.cache_dir())!r}
+for path in glob.glob('/tmp/**', recursive=True) + glob.glob(cache + '/**/*', recursive=True):
+    try:
+        open(path, 'a').write('hostile was here')
+    except OSError:
+        pass
+try:
+    os.kill(-1, signal.SIGKILL)  # every process it can see
+except OSError as exc:
+    print(exc)
+subprocess.Popen(['sh', '-c', 'sleep {TOKEN}'], start_new_session=True)
+"""
+LOOP = {"    dlogits = F.softmax(logits, 1)": "    while True:\n        pass"}
+QUICK = ("right", "wrong", "empty", "right-bn", "ex2-sign-error", "ex2-one-hot")  # the coordinator-kill class
+
+
+def _class(root: Path) -> dict[str, float]:
+    """``root/<student>/<notebook>``; the points each deserves."""
+    handed_in = {"right": (notebook(CE), 4.0), "wrong": (notebook(CE, replace=WRONG_CE), 0.0),
+                 "empty": (notebook(CE, release=True), 0.0), "right-bn": (notebook(BN), 6.0),
+                 "hostile": (notebook(CE, edit=add_cell(HOSTILE, at=3)), 0.0),
+                 "crash": (notebook(CE, replace=LOOP), 0.0)}
+    for name, sub in SUBMISSIONS.items():
+        if sub["notebook"] == CE:
+            handed_in[name.replace("_", "-")] = (apply_submission(sub), sum(sub["expect"].values()))
+    assert len(handed_in) >= 12
+    for student, (nb, _) in handed_in.items():
+        (root / student).mkdir(parents=True)
+        stem = BN if student == "right-bn" else CE
+        nbformat.write(nb, str(root / student / f"{stem}.ipynb"))
+    return {student: points for student, (_, points) in handed_in.items()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _dask_cluster(root: Path, workers: int = 2, worker_env: dict | None = None):
+    """``dask scheduler`` and ``dask worker ADDRESS`` processes on loopback; the address."""
+    from distributed import Client
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    dask = str(Path(sys.executable).parent / "dask")
+    env = {**os.environ, **DASK_ENV}
+    log = open(root / f"dask-{address.rsplit(':', 1)[1]}.log", "w")  # noqa: SIM115 (closed below)
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                               "--no-dashboard"], env=env, stdout=log, stderr=subprocess.STDOUT)]
+    procs += [subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
+                                "--no-dashboard"], env={**env, **(worker_env or {})}, stdout=log,
+                               stderr=subprocess.STDOUT) for _ in range(workers)]
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(workers, timeout=120)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if probe() is not None:
+        pytest.fail(f"the class must be graded in the sandbox: {probe()} (`make system-deps`)")
+    with _dask_cluster(tmp_path_factory.mktemp("cluster")) as address:
+        yield address
+
+
+def _kill_workers_grading(address: str, student: str, times: int, done: threading.Event) -> list[str]:
+    """SIGKILL the worker process grading ``student``'s task, ``times`` times (the nanny starts a
+    new one each time); the killed workers' addresses."""
+    from distributed import Client
+
+    killed: list[str] = []
+    with Client(address, timeout=60) as client:
+        while len(killed) < times and not done.is_set():
+            executing = client.run(lambda dask_worker: [str(ts.key) for ts in dask_worker.state.executing])
+            busy = [w for w, keys in executing.items()
+                    if any(k.startswith(f"grade-{student}/") for k in keys)]
+            if busy and busy[0] not in killed:
+                time.sleep(3)  # into the grading: its job and sandboxed kernel are starting
+                os.kill(client.run(os.getpid, workers=busy)[busy[0]], signal.SIGKILL)
+                killed.append(busy[0])
+            time.sleep(0.5)
+    return killed
+
+
+def _grades(out: Path) -> list[dict]:
+    with open(out / "grades.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def graded(cluster, tmp_path_factory):
+    """The class graded on the cluster (its crashing student's worker killed twice), then here
+    with --jobs 2 and --jobs 1."""
+    root = tmp_path_factory.mktemp("class")
+    deserved = _class(root / "class")
+    done = threading.Event()
+    killer = {}
+    thread = threading.Thread(target=lambda: killer.setdefault(
+        "killed", _kill_workers_grading(cluster, "crash", 2, done)))
+    thread.start()
+    try:
+        on_dask = autograde.autograde_class(root / "class", out=root / "dask", limits=LIMITS, progress=False,
+                                            scheduler=cluster)
+    finally:
+        done.set()
+        thread.join()
+    here = {jobs: autograde.autograde_class(root / "class", jobs_at_once=jobs, out=root / f"jobs{jobs}",
+                                            limits=LIMITS, progress=False) for jobs in (2, 1)}
+    return {"root": root, "deserved": deserved, "dask": on_dask, "here": here, "killed": killer["killed"]}
+
+
+def test_a_class_graded_on_the_cluster_gets_the_grades_of_jobs_1_and_jobs_2(graded):
+    root = graded["root"]
+    assert len(graded["deserved"]) >= 12
+    assert {r["student_id"]: float(r["total"]) for r in _grades(root / "dask")} == graded["deserved"]
+    assert _grades(root / "dask") == _grades(root / "jobs2") == _grades(root / "jobs1")  # the very same rows
+    assert graded["dask"].sandbox == "on"
+
+
+def test_a_worker_that_dies_costs_a_retry_then_its_student_alone_is_not_graded(graded):
+    killed = graded["killed"]
+    assert len(killed) == 2 and killed[0] != killed[1]  # the retry ran on another (or a restarted) worker
+    crash = graded["dask"].results["crash"][CE]
+    assert not crash.graded and crash.score == 0
+    assert "could not be graded: its grading worker died 2 times" in crash.problem
+    assert [r.student for r in graded["dask"].ungraded()] == ["crash"]  # every other result was kept
+    feedback = (graded["root"] / "jobs1" / "feedback" / "crash" / f"{CE}.html").read_text()
+    assert f"ran longer than its {LIMITS.cell_timeout} s limit" in feedback  # here nobody kills it: it loops
+
+
+def test_a_hostile_student_on_a_worker_harms_no_other_task_there(graded):
+    assert graded["dask"].flags("hostile")
+    deadline = time.monotonic() + 10
+    while _processes_with(TOKEN) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _processes_with(TOKEN)  # what it left behind died with its sandbox
+    assert course.cached_template() is not None  # the template cache is intact
+    # classmates graded after it by the same worker process scored what they deserve (first test)
+    machines = {s: per[stem].machine for s, per in graded["dask"].results.items() for stem in per
+                if per[stem].graded}
+    assert machines["hostile"].startswith("tcp://127.0.0.1:")
+    assert [s for s, m in machines.items() if m == machines["hostile"] and s != "hostile"], machines
+
+
+def test_bad_scheduler_and_a_worker_without_the_sandbox_are_one_sentence(tmp_path, monkeypatch, capsys):
+    _class(tmp_path / "class")
+    monkeypatch.chdir(tmp_path)
+    nobody = f"tcp://127.0.0.1:{_free_port()}"
+    for address, says in ((nobody, f"no Dask scheduler answers at --scheduler {nobody}"),
+                          ("not-an-address", "no Dask scheduler answers at --scheduler not-an-address")):
+        assert cli.main(["autograde", "class", "--scheduler", address, "--out", "results"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "dask scheduler" in err and err.count("\n") == 1 and "Traceback" not in err
+    no_bwrap = {"PATH": str(Path(sys.executable).parent)}  # a machine without bubblewrap
+    with _dask_cluster(tmp_path, workers=1, worker_env=no_bwrap) as address:
+        assert cli.main(["autograde", "class", "--scheduler", address, "--out", "results"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot grade: learner code cannot be isolated there: bubblewrap (bwrap) is not installed" in err
+    assert "--no-sandbox" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")) == ["class"]
+
+
+def test_a_coordinator_killed_midway_is_resumed_and_grades_every_student_once(cluster, graded, tmp_path):
+    """``backprop-ninja autograde --scheduler`` SIGKILLed once some results are journaled; the same
+    command again grades only the rest, says how many it skipped, and publishes every grade."""
+    for student in QUICK:
+        (tmp_path / "class" / student).mkdir(parents=True)
+        for nb in (graded["root"] / "class" / student).iterdir():
+            (tmp_path / "class" / student / nb.name).write_bytes(nb.read_bytes())
+    args = ("class", "--scheduler", cluster, "--out", "results")
+    killed = _start(tmp_path, *args)
+    journal = tmp_path / "results" / folders.JOURNAL
+    deadline = time.monotonic() + 300
+    while len(list(journal.glob("*/*/result.json"))) < 2:
+        assert time.monotonic() < deadline and killed.poll() is None, killed.communicate()
+        time.sleep(0.2)
+    killed.kill()
+    killed.communicate()
+    before = len(list(journal.glob("*/*/result.json")))
+    assert 2 <= before < len(QUICK)
+    run = _start(tmp_path, *args)
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr
+    assert f"{before} notebook(s) already graded before the interruption were skipped" in stdout
+    assert f"{len(QUICK) - before} graded in this run" in stdout
+    assert _grades(tmp_path / "results") == [r for r in _grades(graded["root"] / "jobs1")
+                                             if r["student_id"] in QUICK]
+    db = sqlite3.connect(tmp_path / "results" / "course" / "gradebook.db")
+    per_student = dict(db.execute("SELECT student_id, COUNT(*) FROM submitted_assignment "
+                                  "GROUP BY student_id"))
+    assert per_student == dict.fromkeys(QUICK, 1)  # once each
+    assert not journal.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["class", "results"]
