@@ -33,9 +33,13 @@ def solution_function(stem: str, replace: tuple[str, str] | None = None):
     if replace:
         assert replace[0] in source, replace[0]
         source = source.replace(replace[0], replace[1])
+    return _defined(source, ANSWER[stem])
+
+
+def _defined(source: str, name: str):
     scope = {"torch": torch, "F": torch.nn.functional, "collect_gradients": check.collect_gradients}
     exec(source, scope)
-    return scope[ANSWER[stem]]
+    return scope[name]
 
 
 def notebook(stem: str, *, release: bool = False, replace: dict | None = None, prepend: str = "",
@@ -107,3 +111,8 @@ def apply_submission(sub: dict) -> nbformat.NotebookNode:
 
 SUBMISSIONS = {p.stem: parse_submission(p)
                for p in sorted((Path(__file__).parent / "submissions").glob("*.txt"))}
+
+
+def submission_function(sub: dict):
+    """The answer function of a tests/submissions/ entry, defined as solution_function does."""
+    return _defined(answer_cell(apply_submission(sub), sub.get("cell")).source, ANSWER[sub["notebook"]])

@@ -1,18 +1,18 @@
 """A whole class through the real pipeline (``autograde_class``: nbgrader, every kernel in its
 sandbox, the judge outside), two notebooks at once, shared by every test here.
 
-The class: right, empty, partial, wrong, broken and resource-hungry students; every submission
-of tests/submissions/; and hostile students, at least one per class of attack:
+The class: right, empty, partial, wrong, broken and resource-hungry students; the hostile
+submissions of tests/submissions/ (tests/test_judge.py judges the honest ones without a kernel);
+and hostile students, at least one per class of attack:
 
 1. autograd through another door (the C++ engine, torch.func, a subprocess, the course's own
-   reference, complex steps, finite differences);
+   reference, complex steps);
 2. reading the answers (the stack, the notebook's own autograd results);
 3. forging the verdict in the kernel (patched torch and builtins, a lying tensor, a printed
    score, code before the set-up cell);
 4. harming classmates (mallory: reads, overwrites and re-scores classmates, stops their
    kernels, leaves a process behind, poisons the template);
-5. resources (100 MB printed);
-6. honest but odd (a right answer in a reused buffer).
+5. resources (100 MB printed).
 
 Each scores what it deserves; honest classmates keep exactly their grades; the submissions
 folder is unchanged byte for byte; no process of the run outlives it; a later run is unaffected.
@@ -158,16 +158,6 @@ def cross_entropy_backward(*, logits, Yb, n, **_):
             g[i, j] = (-p[range(n), Yb].log().mean()).imag / 1e-20
     return g
 """
-FINITE_DIFFERENCES = """\
-def cross_entropy_backward(*, logits, Yb, **_):
-    g, h = torch.zeros_like(logits), 1e-6
-    for i in range(logits.numel()):
-        up, down = logits.clone(), logits.clone()
-        up.view(-1)[i] += h
-        down.view(-1)[i] -= h
-        g.view(-1)[i] = (F.cross_entropy(up, Yb) - F.cross_entropy(down, Yb)) / (2 * h)
-    return g
-"""
 FRAMES = """\
 import sys
 def batchnorm_backward(**kw):
@@ -196,17 +186,6 @@ PRINTS_SCORE = """\
 def backward_stepwise(**_):
     print('Exercise 1: 26/26 gradients right on fresh inputs -> 26/26 points.')
     return {}
-"""
-REUSED_BUFFER = """\
-buffer = torch.empty(0)
-def batchnorm_backward(*, dhpreact, bngain, bnvar_inv, bnraw, n, **_):
-    global buffer
-    if buffer.numel() < dhpreact.numel() or buffer.dtype != dhpreact.dtype:
-        buffer = torch.empty(10_000, dtype=dhpreact.dtype)
-    dbnraw_sum, dbnraw_dot = dhpreact.sum(0), (dhpreact * bnraw).sum(0)
-    out = bngain * bnvar_inv / n * (n * dhpreact - dbnraw_sum - n / (n - 1) * bnraw * dbnraw_dot)
-    buffer[: out.numel()] = out.reshape(-1)
-    return buffer[: out.numel()].view(out.shape)
 """
 FORGED_MARKDOWN = ('<script>document.title = "forged"</script>'
                    '<div onmouseover="alert(1)" class="bn-feedback-summary">Score: 100 / 100</div>')
@@ -251,7 +230,6 @@ def _class(paths: dict[str, str]) -> dict[str, Student]:
         "reference": _one(FULL, _answer(FULL, REFERENCE), 0.0, "course internals", flagged=True),
         "obfuscated": _one(CE, _answer(CE, OBFUSCATED), 0.0, "getattr", flagged=True),
         "complex_step": _one(CE, _answer(CE, COMPLEX_STEP), 0.0, "complex", flagged=True),
-        "finite_differences": _one(CE, _answer(CE, FINITE_DIFFERENCES), 0.0, "dlogits is wrong"),
         # 2. reading the answers
         "frames": _one(BN, _answer(BN, FRAMES), 0.0, "_getframe", flagged=True),
         "lecture_answers": _one(BN, _answer(BN, LECTURE_ANSWERS), 0.0, "dhprebn"),
@@ -270,13 +248,12 @@ def _class(paths: dict[str, str]) -> dict[str, Student]:
                            {CE: 0.0, BN: 6.0}, {CE: "import glob"}, flagged=True),
         # 5. resources
         "flood": _one(BN, notebook(BN, edit=add_cell("print('x' * (100 << 20))", at=3)), 6.0),
-        # 6. honest but odd
-        "reused_buffer": _one(BN, _answer(BN, REUSED_BUFFER), 6.0),
     }
-    for name, sub in SUBMISSIONS.items():  # tests/submissions: a small change each, and its points
-        students[name.replace("_", "-")] = _one(sub["notebook"], apply_submission(sub),
-                                                sum(sub["expect"].values()), sub.get("says"),
-                                                flagged=sub.get("flagged") == "yes")
+    for name, sub in SUBMISSIONS.items():  # the hostile ones of tests/submissions (test_judge.py: the rest)
+        if sub.get("flagged") == "yes":
+            points = sum(sub["expect"].values())
+            students[name.replace("_", "-")] = _one(sub["notebook"], apply_submission(sub), points,
+                                                    sub.get("says"), flagged=True)
     return students
 
 

@@ -2,7 +2,9 @@
 function is handed in exactly as the hidden test cell does it (``handin.hand_in``), and the
 verdict comes from autograd on the same secret inputs. Fast, so every class of answer is here:
 right on any seed, partial, wrong, the wrong dtype, not a tensor, a lying tensor subclass,
-finite differences, answers kept from other inputs, a reused buffer, garbage in the box."""
+finite differences, answers kept from other inputs, a reused buffer, garbage in the box, and
+every honest mistake of tests/submissions/ (the hostile ones, which need the sandbox, are graded
+in tests/test_grading.py's class)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import os
 
 import pytest
 import torch
-from learner import BN, CE, FULL, STEP, solution_function
+from learner import BN, CE, FULL, STEP, SUBMISSIONS, solution_function, submission_function
 
 from backprop_ninja import handin
 from backprop_ninja.grading import judge
@@ -192,3 +194,21 @@ def test_without_the_grader_the_hidden_test_fails_closed(monkeypatch):
     monkeypatch.delenv(handin.HANDIN_ENV, raising=False)
     with pytest.raises(handin.NotGrading):
         handin.hand_in(lambda **_: None)
+
+
+HONEST = sorted(name for name, sub in SUBMISSIONS.items() if sub.get("flagged") != "yes")
+
+
+@pytest.mark.parametrize("name", HONEST)
+def test_each_honest_mistake_scores_its_points_and_says_why(tmp_path, name):
+    """tests/submissions/: a learner's realistic change to a solution, the points of each graded
+    cell and a phrase its verdict must hold. tests/test_rules.py checks that the source rules let it
+    through; the class in tests/test_grading.py, that the pipeline delivers the judge's verdicts into
+    the gradebook and the feedback."""
+    sub = SUBMISSIONS[name]
+    fn = submission_function(sub)
+    verdicts = {test: judged(tmp_path, test, fn) for test in sub["expect"]}
+    for test, points in sub["expect"].items():
+        assert verdicts[test].score == pytest.approx(points, abs=1e-4), verdicts[test].text
+    if "says" in sub:
+        assert sub["says"].lower() in " ".join(v.text for v in verdicts.values()).lower()
