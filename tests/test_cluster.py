@@ -36,8 +36,7 @@ from backprop_ninja.grading.sandbox import Limits, probe
 
 pytestmark = pytest.mark.slow
 
-# As tests/test_grading.py, with a shorter cell limit: the crashing student loops until it when graded here.
-LIMITS = Limits(cell_timeout=20, notebook_timeout=120, memory=3 << 30)
+LIMITS = Limits(cell_timeout=20, notebook_timeout=120, memory=3 << 30)  # as tests/test_grading.py
 # Workers whose tasks may start processes; the scheduler gives a dead worker's task one retry
 # (so the crashing student costs two deaths) and sends each worker one task at a time (so a
 # killed worker takes no queued classmate with it).
