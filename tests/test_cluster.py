@@ -65,8 +65,10 @@ def _class(root: Path) -> dict[str, float]:
     """``root/<student>/<notebook>``; the points each deserves."""
     handed_in = {"right": (notebook(CE), 4.0), "wrong": (notebook(CE, replace=WRONG_CE), 0.0),
                  "empty": (notebook(CE, release=True), 0.0), "right-bn": (notebook(BN), 6.0),
-                 "hostile": (notebook(CE, edit=add_cell(HOSTILE, at=3)), 0.0),
-                 "crash": (notebook(CE, replace=LOOP), 0.0)}
+                 # Graded in the order of their names: the attacker first, so that its worker goes on to
+                 # grade classmates; the unlucky student (whose worker is killed) near the end.
+                 "attacker": (notebook(CE, edit=add_cell(HOSTILE, at=3)), 0.0),
+                 "unlucky": (notebook(CE, replace=LOOP), 0.0)}
     for name in EX2:
         handed_in[name.replace("_", "-")] = (apply_submission(SUBMISSIONS[name]),
                                              sum(SUBMISSIONS[name]["expect"].values()))
@@ -154,7 +156,7 @@ def graded(cluster, tmp_path_factory):
     done = threading.Event()
     killer = {}
     thread = threading.Thread(target=lambda: killer.setdefault(
-        "killed", _kill_workers_grading(cluster, "crash", 2, done)))
+        "killed", _kill_workers_grading(cluster, "unlucky", 2, done)))
     thread.start()
     try:
         on_dask = autograde.autograde_class(root / "class", out=root / "dask", limits=LIMITS, progress=False,
@@ -178,16 +180,16 @@ def test_a_class_graded_on_the_cluster_gets_the_grades_it_gets_here(graded):
 def test_a_worker_that_dies_costs_a_retry_then_its_student_alone_is_not_graded(graded):
     killed = graded["killed"]
     assert len(killed) == 2 and killed[0] != killed[1]  # the retry ran on another (or a restarted) worker
-    crash = graded["dask"].results["crash"][CE]
+    crash = graded["dask"].results["unlucky"][CE]
     assert not crash.graded and crash.score == 0
     assert "could not be graded: its grading worker died 2 times" in crash.problem
-    assert [r.student for r in graded["dask"].ungraded()] == ["crash"]  # every other result was kept
-    feedback = (graded["root"] / "here" / "feedback" / "crash" / f"{CE}.html").read_text()
+    assert [r.student for r in graded["dask"].ungraded()] == ["unlucky"]  # every other result was kept
+    feedback = (graded["root"] / "here" / "feedback" / "unlucky" / f"{CE}.html").read_text()
     assert f"ran longer than its {LIMITS.cell_timeout} s limit" in feedback  # here nobody kills it: it loops
 
 
 def test_a_hostile_student_on_a_worker_harms_no_other_task_there(graded):
-    assert graded["dask"].flags("hostile")
+    assert graded["dask"].flags("attacker")
     deadline = time.monotonic() + 10
     while _processes_with(TOKEN) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -196,8 +198,8 @@ def test_a_hostile_student_on_a_worker_harms_no_other_task_there(graded):
     # classmates graded after it by the same worker process scored what they deserve (first test)
     machines = {s: per[stem].machine for s, per in graded["dask"].results.items() for stem in per
                 if per[stem].graded}
-    assert machines["hostile"].startswith("tcp://127.0.0.1:")
-    assert [s for s, m in machines.items() if m == machines["hostile"] and s != "hostile"], machines
+    assert machines["attacker"].startswith("tcp://127.0.0.1:")
+    assert [s for s, m in machines.items() if m == machines["attacker"] and s != "attacker"], machines
 
 
 def test_bad_scheduler_and_a_worker_without_the_sandbox_are_one_sentence(tmp_path, monkeypatch, capsys):

@@ -446,8 +446,9 @@ def _nbgrader(course_dir: Path, *args: str) -> str:
 
 
 def test_plain_nbgrader_grades_with_the_same_sandbox_and_judge(tmp_path):
-    course_dir = tmp_path / "course"
-    shutil.copytree(course.source_dir(), course_dir / "source" / ASSIGNMENT)
+    course_dir = tmp_path / "course"  # an assignment of notebook 02 alone
+    (course_dir / "source" / ASSIGNMENT).mkdir(parents=True)
+    shutil.copy(course.source_dir() / f"{CE}.ipynb", course_dir / "source" / ASSIGNMENT)
     shutil.copy(course.COURSE / "nbgrader_config.py", course_dir)
     _nbgrader(course_dir, "generate_assignment", ASSIGNMENT, "--force")
     handed_in = {"ada": notebook(CE), "eve": notebook(CE, replace=WRONG_CE, edit=add_cell(

@@ -4,7 +4,7 @@ and the README's commands typed into that lab's terminal.
 
 1. release the assignment (formgrader: Release);
 2. three students fetch and submit through the course's exchange (nbgrader's CLI, each in a
-   folder of their own): ada right, bob partly right, cy right but after the due date;
+   folder of their own): ada right, bob with the biased variance, cy right but after the due date;
 3. collect (nbgrader's CLI: as root every submission is root's, so the owner check is off);
 4. ``backprop-ninja autograde submitted --out results`` (a relative ``--out``) with ``--due``;
 5. ``backprop-ninja formgrader results``: the assignment released, 3 submissions;
@@ -32,7 +32,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from browser import ARTIFACTS, chromium, chromium_page, kept_if_failed, kill_leftovers, lab_environment
-from learner import BN, CE, notebook
+from learner import BN, notebook
 
 from backprop_ninja.grading import course
 from backprop_ninja.grading.sandbox import probe
@@ -131,12 +131,11 @@ def test_the_instructors_path_release_submit_collect_autograde_review_feedback_e
     from playwright.sync_api import expect
 
     expect.set_options(timeout=60_000)  # the formgrader's tables load after its page, slowly on busy cores
-    # The instructor's course: notebooks 02 and 03 (4 + 6 points), generated (nbgrader's CLI).
+    # The instructor's course: notebook 03 (6 points), generated (nbgrader's CLI).
     home = tmp_path / "course"
     (home / "source" / "backprop").mkdir(parents=True)
     shutil.copy(course.COURSE / "nbgrader_config.py", home)
-    for stem in (CE, BN):
-        shutil.copy(course.source_dir() / f"{stem}.ipynb", home / "source" / "backprop")
+    shutil.copy(course.source_dir() / f"{BN}.ipynb", home / "source" / "backprop")
     env = lab_environment(tmp_path) | {"SHELL": "/bin/bash", "JUPYTER_DATA_DIR": str(tmp_path / "data")}
     generated = subprocess.run([str(VENV_BIN / "nbgrader"), "generate_assignment", "backprop"],
                                cwd=home, env=env | {"PATH": f"{VENV_BIN}:{env['PATH']}"},
@@ -163,14 +162,11 @@ def test_the_instructors_path_release_submit_collect_autograde_review_feedback_e
             fetch = f"mkdir $s && cd $s && nbgrader fetch_assignment backprop {EXCHANGE}"
             code, out = term.run(_each(STUDENTS, fetch))
             assert code == 0, out
-            answers = {"ada": {CE: notebook(CE), BN: notebook(BN)},
-                       "bob": {CE: notebook(CE), BN: notebook(BN, replace=BIASED_BN)},
-                       "cy": {CE: notebook(CE), BN: notebook(BN)}}
-            for student, notebooks in answers.items():
-                for stem, nb in notebooks.items():
-                    fetched = tmp_path / "students" / student / "backprop" / f"{stem}.ipynb"
-                    assert "YOUR CODE HERE" in fetched.read_text()  # the released stub, then the answer
-                    nbformat.write(nb, str(fetched))
+            answers = {"ada": notebook(BN), "bob": notebook(BN, replace=BIASED_BN), "cy": notebook(BN)}
+            for student, nb in answers.items():
+                fetched = tmp_path / "students" / student / "backprop" / f"{BN}.ipynb"
+                assert "YOUR CODE HERE" in fetched.read_text()  # the released stub, then the answer
+                nbformat.write(nb, str(fetched))
 
             submit = f"cd $s && nbgrader submit backprop --student=$s {EXCHANGE}"
             code, out = term.run(_each(("ada", "bob"), submit))
@@ -199,8 +195,8 @@ def test_the_instructors_path_release_submit_collect_autograde_review_feedback_e
             with open(home / "results" / "grades.csv") as f:
                 rows = list(csv.DictReader(f))
             assert {r["student_id"]: (r["total"], bool(r["late"])) for r in rows} == \
-                {"ada": ("10", False), "bob": ("4", False), "cy": ("10", True)}
-            max_score = rows[0]["max_score"]  # the course's four notebooks: 01 and 04 not handed in
+                {"ada": ("6", False), "bob": ("0", False), "cy": ("6", True)}
+            max_score = rows[0]["max_score"]  # the course's four notebooks: 01, 02 and 04 not handed in
             term.shot("4-autograde")
 
             # 5. the formgrader on what autograde wrote
@@ -216,7 +212,7 @@ def test_the_instructors_path_release_submit_collect_autograde_review_feedback_e
 
                 # 6. each student's score
                 graded.get_by_role("link", name="Manage Students").click()
-                for student, score in {"ada": "10", "bob": "4", "cy": "10"}.items():
+                for student, score in {"ada": "6", "bob": "0", "cy": "6"}.items():
                     expect(graded.locator(f"tr:has(td.id[data-order='{student}']) td.score")).to_have_text(
                         f"{score} / {max_score}")
                 results.screenshot(path=str(ARTIFACTS / "instructor-6-students.png"))
@@ -242,8 +238,8 @@ def test_the_instructors_path_release_submit_collect_autograde_review_feedback_e
             fetched = {s: sorted((tmp_path / "students" / s / "backprop" / "feedback").rglob("*.html"))
                        for s in STUDENTS}
             assert {s: sorted(p.name for p in f) for s, f in fetched.items()} == \
-                {s: [f"{CE}.html", f"{BN}.html"] for s in STUDENTS}
-            bob = next(p for p in fetched["bob"] if p.stem == BN)
+                {s: [f"{BN}.html"] for s in STUDENTS}
+            bob = fetched["bob"][0]
             assert "hand_in(" not in bob.read_text() and "HIDDEN TESTS" not in bob.read_text()
             feedback = page.context.browser.new_page(viewport={"width": 1000, "height": 900})
             with kept_if_failed(feedback, "instructor-feedback"):
@@ -257,7 +253,7 @@ def test_the_instructors_path_release_submit_collect_autograde_review_feedback_e
             assert code == 0, out
             with open(home / "results" / "course" / "grades.csv") as f:
                 exported = {r["student_id"]: r for r in csv.DictReader(f)}
-            assert {s: float(r["raw_score"]) for s, r in exported.items()} == {"ada": 10, "bob": 4, "cy": 10}
+            assert {s: float(r["raw_score"]) for s, r in exported.items()} == {"ada": 6, "bob": 0, "cy": 6}
             assert [s for s, r in exported.items() if float(r["late_submission_penalty"] or 0) == 0] \
                 == list(STUDENTS)  # the course takes nothing off late work
             term.shot("9-export")

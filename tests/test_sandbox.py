@@ -139,14 +139,15 @@ def test_it_writes_only_its_small_home_and_tmp(kernel):
     assert status == "error" and "No space left" in err, err  # over home_bytes (the size of /tmp)
 
 
-def test_the_grading_step_locks_the_kernels_socket_folder_once_it_is_up(tmp_path):
+def test_the_grading_step_locks_the_kernels_socket_folder_once_it_is_up(tmp_path_factory):
     """nbgrader's execute step (SandboxedExecute), not only a Box used by hand, takes the runtime
     folder back from the kernel as soon as its sockets exist."""
     import nbformat
 
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
         "import pathlib, sys\nopen(pathlib.Path(sys.argv[sys.argv.index('-f') + 1]).parent / 'x', 'w')")])
-    SandboxedExecute(scratch=str(tmp_path), timeout=60).preprocess(nb, {})
+    scratch = tmp_path_factory.mktemp("lock")  # short: tmp_path is named after this long test
+    SandboxedExecute(scratch=str(scratch), timeout=60).preprocess(nb, {})
     errors = [o for o in nb.cells[0].outputs if o.output_type == "error"]
     assert errors and errors[0].ename == "PermissionError", nb.cells[0].outputs
 
