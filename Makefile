@@ -52,10 +52,9 @@ formgrader: $(VENV)/.installed
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check backprop_ninja tests benchmarks conftest.py
 
-# Serial by default. PYTEST_ARGS="-n 2 --dist loadfile --no-loadscope-reorder" runs two workers
-# (conftest.py hands out the longest files first): faster on an idle machine, but the graded class's
-# time limits and the Ctrl-C tests then share two cores with the other worker (README, Maintainers).
-PYTEST_ARGS ?=
+# Two pytest-xdist workers, a file on one worker (nbval's cells of a notebook share its kernel);
+# conftest.py hands out the longest files first. `make test PYTEST_ARGS=` runs serially.
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: install-test data lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests solutions --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 

@@ -26,10 +26,14 @@ SOLUTIONS = Path(__file__).resolve().parent / "solutions"
 LECTURE_LOSS_BOUNDS = {"train": 2.10, "val": 2.14}
 
 
-# With `make test PYTEST_ARGS="-n 2 --dist loadfile --no-loadscope-reorder"` each file runs on one
-# worker, handed out in this order: the two longest (about 5 and 2 minutes) start at once, one per
-# worker; each worker is handed a second file up front, so a quick one comes third.
-FIRST = ("tests/test_grading.py", "solutions/04_full_training.ipynb", "tests/test_check.py")
+# `make test` runs two pytest-xdist workers (--dist loadfile: each file on one worker). Files are handed
+# out in this order, the rest after them: first one to each worker, then a second to each up front.
+# So worker 1 grades the class (~5.5 min, two notebooks at once) and then the Dask cluster's class
+# (~3.5 min, two workers): the two runs that each keep two cores busy never overlap. Worker 2 walks the
+# instructor's path in the browser (~3.5 min, mostly waiting) and then runs notebook 4's 200,000 steps
+# (~2 min, one core), then most of the other files.
+FIRST = ("tests/test_grading.py", "tests/test_instructor_path.py", "tests/test_cluster.py",
+         "solutions/04_full_training.ipynb")
 
 
 def _rank(item) -> int:
