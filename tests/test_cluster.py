@@ -5,9 +5,9 @@ refuses a scheduler it cannot reach or a worker without the sandbox in one sente
 One real cluster, as the README starts it by hand (``dask scheduler`` and two ``dask worker``
 processes on 127.0.0.1), is shared by the tests. The class: 8 students, one short notebook each:
 right (exercises 2 and 3), wrong, empty, two ex2 submissions of tests/submissions/ (another right
-formulation, and one that patches torch.allclose), a hostile one (it attacks every
-process and file it can reach and leaves a process behind) and one whose worker is killed while
-it grades it, every time.
+formulation, and one that patches torch.allclose), the attacker (it attacks every process and
+file it can reach and leaves a process behind) and the unlucky student, whose worker is killed
+while it grades them, every time.
 """
 
 from __future__ import annotations
