@@ -113,6 +113,11 @@ SUBMISSIONS = {p.stem: parse_submission(p)
                for p in sorted((Path(__file__).parent / "submissions").glob("*.txt"))}
 
 
+def submitted_answer(sub: dict) -> str:
+    """The source of the answer cell a tests/submissions/ entry changes, as submitted."""
+    return answer_cell(apply_submission(sub), sub.get("cell")).source
+
+
 def submission_function(sub: dict):
     """The answer function of a tests/submissions/ entry, defined as solution_function does."""
-    return _defined(answer_cell(apply_submission(sub), sub.get("cell")).source, ANSWER[sub["notebook"]])
+    return _defined(submitted_answer(sub), ANSWER[sub["notebook"]])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from learner import answer_cell, apply_submission, parse_submission
+from learner import parse_submission, submitted_answer
 
 from backprop_ninja.grading.rules import RULES, Finding, check_cell, course_names_from
 
@@ -61,7 +61,7 @@ def _rules(source, stem="01_stepwise_backprop"):
 def _submission(path):
     """(notebook stem, the answer cell as submitted, the body alone) of a tests/submissions file."""
     sub = parse_submission(path)
-    return sub["notebook"], answer_cell(apply_submission(sub), sub.get("cell")).source, sub["body"]
+    return sub["notebook"], submitted_answer(sub), sub["body"]
 
 
 ANSWERS = [(stem, grade_id, source) for stem in sorted(p.stem for p in SOURCE.glob("*.ipynb"))
