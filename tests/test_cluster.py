@@ -16,7 +16,6 @@ import contextlib
 import csv
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from browser import free_port
 from learner import BN, CE, SUBMISSIONS, add_cell, apply_submission, notebook
 from test_grading import TOKEN, _processes_with
 from test_instructor import WRONG_CE, _start
@@ -79,18 +79,12 @@ def _class(root: Path) -> dict[str, float]:
     return {student: points for student, (_, points) in handed_in.items()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _dask_cluster(root: Path, workers: int = 2, worker_env: dict | None = None):
     """``dask scheduler`` and ``dask worker ADDRESS`` processes on loopback; the address."""
     from distributed import Client
 
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     dask = str(Path(sys.executable).parent / "dask")
     env = {**os.environ, **DASK_ENV}
     log = open(root / f"dask-{address.rsplit(':', 1)[1]}.log", "w")  # noqa: SIM115 (closed below)
@@ -205,7 +199,7 @@ def test_a_hostile_student_on_a_worker_harms_no_other_task_there(graded):
 def test_bad_scheduler_and_a_worker_without_the_sandbox_are_one_sentence(tmp_path, monkeypatch, capsys):
     _class(tmp_path / "class")
     monkeypatch.chdir(tmp_path)
-    nobody = f"tcp://127.0.0.1:{_free_port()}"
+    nobody = f"tcp://127.0.0.1:{free_port()}"
     for address, says in ((nobody, f"no Dask scheduler answers at --scheduler {nobody}"),
                           ("not-an-address", "no Dask scheduler answers at --scheduler not-an-address")):
         assert cli.main(["autograde", "class", "--scheduler", address, "--out", "results"]) == 2

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from browser import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -25,12 +25,6 @@ def _disabled(config: dict) -> set[str]:
     """The page config's disabledExtensions (a list, or a dict of flags)."""
     value = config.get("disabledExtensions", [])
     return {k for k, on in value.items() if on} if isinstance(value, dict) else set(value)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Server:
@@ -88,7 +82,7 @@ class _Server:
 @pytest.fixture(scope="module")
 def learner_lab(tmp_path_factory):
     """`make lab` on a free port, shared by this module's tests; always stopped afterwards."""
-    port = _free_port()
+    port = free_port()
     args = f"--no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port={port} --ServerApp.port_retries=0"
     server = _Server(["make", "lab", f"LAB_ARGS={args}"], port, tmp_path_factory.mktemp("lab"), ROOT)
     try:
@@ -131,7 +125,7 @@ def test_the_learner_lab_keeps_widgets_and_the_lab_side_of_grade_me(learner_lab)
 
 
 def test_the_instructors_lab_in_grader_keeps_the_formgrader(tmp_path):
-    port = _free_port()
+    port = free_port()
     server = _Server([str(BIN / "jupyter"), "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
                       f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
                       *(["--allow-root"] if os.geteuid() == 0 else [])],
