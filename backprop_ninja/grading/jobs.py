@@ -292,6 +292,7 @@ def _context():
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["backprop_ninja.grading.jobs", "backprop_ninja.grading.steps",
+                                "backprop_ninja.grading.judge",
                                 "nbgrader.converters", "nbgrader.api", "nbgrader.preprocessors", "nbclient",
                                 "nbconvert", "backprop_ninja.grading.warm"])
     return ctx

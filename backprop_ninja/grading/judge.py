@@ -319,6 +319,11 @@ class Session:
         self.seed = seed if seed is not None else int(env_seed) if env_seed else secrets.randbits(62)
         self.returned: dict[str, list[Returned]] = {}
 
+    @staticmethod
+    def judges(test: str | None) -> bool:
+        """Whether ``test`` (a test cell's grade id) is one the judge gives verdicts for."""
+        return test in EXERCISES
+
     def case_seeds(self, ex: Exercise) -> list[int]:
         g = torch.Generator().manual_seed((self.seed + sum(map(ord, ex.test))) % (1 << 62))
         return torch.randint(1, 1 << 62, (len(ex.cases),), generator=g).tolist()

@@ -40,7 +40,7 @@ from nbgrader.api import Gradebook
 from nbgrader.preprocessors import ClearHiddenTests, Execute, NbGraderPreprocessor, OverwriteCells
 from traitlets import Bool, Integer, Unicode, default
 
-from backprop_ninja.grading import judge, rules
+from backprop_ninja.grading import rules
 from backprop_ninja.grading.sandbox import Box, Limits, probe
 
 META = "backprop_ninja"              # notebook metadata: what the grader found (flags, sandbox, seed)
@@ -194,6 +194,11 @@ class SandboxedExecute(Execute):
         # a short name: the kernel's socket paths lie below it (sandbox.SOCKET_PATH_MAX)
         with tempfile.TemporaryDirectory(prefix="kernel-", dir=self.scratch or None) as tmp:
             self._box = Box(Path(tmp), self._limits(), self.isolate, env)
+            # judge (and torch, ~2.7 s of CPU) is imported here, when a notebook is executed, not when
+            # this module is: every nbgrader command loads it through nbgrader_config.py, and most
+            # (release, collect, export, the formgrader) never execute one.
+            from backprop_ninja.grading import judge
+
             self._session = judge.Session(self._box)
             self._stopped, self._kept, self._cut = None, {}, set()  # bytes kept by cell index
             resources.setdefault(META, {}).update(
@@ -224,7 +229,7 @@ class SandboxedExecute(Execute):
         if self._stopped is not None:
             cell.outputs = [_error("NotRun", f"not run: {self._stopped}")]
             return cell, resources
-        test = _grade_id(cell) if is_test(cell) and _grade_id(cell) in judge.EXERCISES else None
+        test = _grade_id(cell) if is_test(cell) and self._session.judges(_grade_id(cell)) else None
         if test:
             self._session.stage(test)
         try:
@@ -309,7 +314,7 @@ class JudgeVerdicts(NbGraderPreprocessor):
                 continue
             test, points = _grade_id(cell), float(cell.metadata.nbgrader.points)
             earlier = [(i, f) for i, f in found if i < index]
-            if session is None or test not in judge.EXERCISES:
+            if session is None or not session.judges(test):
                 score, lines = 0.0, [f"Score 0: no judge for test {test!r}: grade this course with "
                                      "backprop-ninja or an nbgrader_config.py that calls harden_nbgrader."]
             elif earlier:
