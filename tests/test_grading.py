@@ -12,7 +12,7 @@ and hostile students, at least one per class of attack:
    score, code before the set-up cell);
 4. harming classmates (mallory: reads, overwrites and re-scores classmates, stops their
    kernels, leaves a process behind, poisons the template);
-5. resources (100 MB printed).
+5. resources (24 MB printed in one cell).
 
 Each scores what it deserves; honest classmates keep exactly their grades; the submissions
 folder is unchanged byte for byte; no process of the run outlives it; a later run is unaffected.
@@ -247,8 +247,8 @@ def _class(paths: dict[str, str]) -> dict[str, Student]:
         # 4. harming classmates
         "mallory": Student({CE: notebook(CE, edit=add_cell(_mallory(paths), at=3)), BN: notebook(BN)},
                            {CE: 0.0, BN: 6.0}, {CE: "import glob"}, flagged=True),
-        # 5. resources
-        "flood": _one(BN, notebook(BN, edit=add_cell("print('x' * (100 << 20))", at=3)), 6.0),
+        # 5. resources: one print larger than a kernel message may be (steps.MAX_MESSAGE_BYTES, 16 MB)
+        "flood": _one(BN, notebook(BN, edit=add_cell("print('x' * (24 << 20))", at=3)), 6.0),
     }
     for name, sub in SUBMISSIONS.items():  # the hostile ones of tests/submissions (test_judge.py: the rest)
         if sub.get("flagged") == "yes":
