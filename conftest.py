@@ -27,11 +27,11 @@ LECTURE_LOSS_BOUNDS = {"train": 2.10, "val": 2.14}
 
 
 # `make test` runs two pytest-xdist workers (--dist loadfile: each file on one worker). Files are handed
-# out in this order, the rest after them: first one to each worker, then a second to each up front.
-# So worker 1 grades the class (~5.5 min, two notebooks at once) and then the Dask cluster's class
-# (~3.5 min, two workers): the two runs that each keep two cores busy never overlap. Worker 2 walks the
-# instructor's path in the browser (~3.5 min, mostly waiting) and then runs notebook 4's 200,000 steps
-# (~2 min, one core), then most of the other files.
+# out in this order, the rest after them: xdist gives each worker one file, and the next one as soon as
+# two or fewer of its tests are left. So worker 1 grades the class (~8 min beside the other worker, two
+# notebooks at once); worker 2 walks the instructor's path in the browser (one test, ~7 min, mostly
+# waiting) with the Dask cluster's class queued behind it (~3 min, one Dask worker). Notebook 4's
+# 200,000 steps (~2.5 min, one core) and the other files go to whichever worker is free first.
 FIRST = ("tests/test_grading.py", "tests/test_instructor_path.py", "tests/test_cluster.py",
          "solutions/04_full_training.ipynb")
 

@@ -3,8 +3,10 @@
 nothing when its coordinator or a worker is killed, and refuses a scheduler it cannot reach or a
 worker without the sandbox in one sentence.
 
-One real cluster, as the README starts it by hand (``dask scheduler`` and two ``dask worker``
-processes on 127.0.0.1), is shared by the tests. The class: 6 students, one short notebook each:
+One real cluster, started as the README starts one by hand (``dask scheduler`` and ``dask worker``
+processes on 127.0.0.1), is shared by the tests. It has one worker: the attacker is graded first,
+so its classmates are graded after it by the same worker process (with two workers, the other one
+could grade them all while the attacker's ran). The class: 6 students, one short notebook each:
 right (exercises 2 and 3), wrong, empty, the attacker (it attacks every process and file it can
 reach and leaves a process behind) and the unlucky student, whose worker is killed while it grades
 them, every time.
@@ -109,7 +111,7 @@ def _dask_cluster(root: Path, workers: int = 2, worker_env: dict | None = None):
 def cluster(tmp_path_factory):
     if probe() is not None:
         pytest.fail(f"the class must be graded in the sandbox: {probe()} (`make system-deps`)")
-    with _dask_cluster(tmp_path_factory.mktemp("cluster")) as address:
+    with _dask_cluster(tmp_path_factory.mktemp("cluster"), workers=1) as address:
         yield address
 
 
