@@ -1,8 +1,9 @@
 """A whole class through the real pipeline (``autograde_class``: nbgrader, every kernel in its
 sandbox, the judge outside), two notebooks at once, shared by every test here.
 
-The class: right, empty, partial, wrong, broken and resource-hungry students; the hostile
-submissions of tests/submissions/ (tests/test_judge.py judges the honest ones without a kernel);
+The class: right, empty, partial, broken and resource-hungry students; the hostile
+submissions of tests/submissions/ (tests/test_judge.py judges the honest ones without a kernel;
+a wrong answer's verdict reaching the feedback is also bob's in tests/test_instructor_path.py);
 and hostile students, at least one per class of attack:
 
 1. autograd through another door (the C++ engine, torch.func, a subprocess, the course's own
@@ -190,7 +191,10 @@ def backward_stepwise(**_):
 """
 FORGED_MARKDOWN = ('<script>document.title = "forged"</script>'
                    '<div onmouseover="alert(1)" class="bn-feedback-summary">Score: 100 / 100</div>')
-DEAF_LOOP = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass\n"
+# It sleeps rather than spins: what is tested is that an interrupt it ignores ends in a kill, and a
+# spinning loop would only burn a core for the cell limit (``loops`` spins, as a learner's loop does).
+DEAF_LOOP = ("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+             "while True:\n    time.sleep(1)\n")
 SOFTMAX, RETURN = "    dlogits = F.softmax(logits, 1)", "    return dlogits"
 
 
@@ -203,9 +207,6 @@ def _class(paths: dict[str, str]) -> dict[str, Student]:
         "empty": Student({s: notebook(s, release=True) for s in STEMS}, {s: 0.0 for s in STEMS},
                          {CE: "NotImplementedError"}),
         "partial": _one(STEP, notebook(STEP, replace=partial), 24.0, "24/26 gradients right"),
-        "wrong": Student({CE: notebook(CE, replace=WRONG_CE),
-                          BN: notebook(BN, replace={"n / (n - 1) * bnraw": "bnraw"})},
-                         {CE: 0.0, BN: 0.0}, {CE: "dlogits is wrong", BN: "dhprebn is wrong"}),
         "broken": Student({CE: '{"cells": [ {"cell_type": "code", "source": ',
                            BN: notebook(BN, edit=drop("batchnorm_backward", "check_batchnorm"))},
                           {CE: 0.0, BN: 0.0}, {CE: "not a valid notebook", BN: "batchnorm_backward"}),
@@ -220,8 +221,6 @@ def _class(paths: dict[str, str]) -> dict[str, Student]:
                             "dlogits is wrong"),
         "deletes_tests": _one(CE, notebook(CE, edit=drop("test_cross_entropy_backward")), 4.0),
         "stderr": _one(CE, notebook(CE, prepend="torch.tensor(torch.ones(1))  # warns on stderr\n"), 4.0),
-        "nan": _one(CE, notebook(CE, replace={"    return dlogits": "    return dlogits * float('nan')"}),
-                    0.0, "not finite"),
         "kills_kernel": _one(CE, notebook(CE, replace={RETURN: "    import os\n    os._exit(0)"}),
                              0.0, "kernel died", flagged=True),
         # 1. autograd through another door

@@ -20,7 +20,6 @@ SUBMISSIONS = Path(__file__).resolve().parent / "submissions"
 HOSTILE_SUBMISSIONS = {
     "ex1_calls_backward": "autograd",
     "ex2_copies_grad": "autograd",
-    "ex2_tampers_allclose": "process, file or introspection",
     "ex3_replaces_grader": "course internals",
     "ex4_calls_backward": "autograd",
 }
