@@ -9,13 +9,16 @@ so its classmates are graded after it by the same worker process (with two worke
 could grade them all while the attacker's ran). The class: 6 students, one short notebook each:
 right (exercises 2 and 3), wrong, empty, the attacker (it attacks every process and file it can
 reach and leaves a process behind) and the unlucky student, whose worker is killed while it grades
-them, every time.
+them, every time. It is graded once, as an instructor would after a crash: ``backprop-ninja
+autograde --scheduler`` is SIGKILLed once two results are journaled, and the same command run again
+grades the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import signal
 import sqlite3
@@ -34,11 +37,10 @@ from test_instructor import WRONG_CE, _start
 
 from backprop_ninja import cli
 from backprop_ninja.grading import autograde, course, folders
-from backprop_ninja.grading.sandbox import Limits, probe
+from backprop_ninja.grading.sandbox import probe
 
 pytestmark = pytest.mark.slow
 
-LIMITS = Limits(cell_timeout=20, notebook_timeout=120, memory=3 << 30)  # as tests/test_grading.py
 # Workers whose tasks may start processes; the scheduler gives a dead worker's task one retry
 # (so the crashing student costs two deaths) and sends each worker one task at a time (so a
 # killed worker takes no queued classmate with it).
@@ -59,7 +61,6 @@ except OSError as exc:
 subprocess.Popen(['sh', '-c', 'sleep {TOKEN}'], start_new_session=True)
 """
 LOOP = {"    dlogits = F.softmax(logits, 1)": "    while True:\n        pass"}
-QUICK = ("right", "wrong", "empty", "right-bn")  # the coordinator-kill class
 
 
 def _class(root: Path) -> dict[str, float]:
@@ -141,21 +142,35 @@ def _grades(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def graded(cluster, tmp_path_factory):
-    """The class graded on the cluster (its crashing student's worker killed twice)."""
+    """``backprop-ninja autograde class --scheduler ... --out dask``, SIGKILLed once two results are
+    journaled, then the same command again; the unlucky student's worker killed twice meanwhile."""
     root = tmp_path_factory.mktemp("class")
     deserved = _class(root / "class")
+    args = ("class", "--scheduler", cluster, "--out", "dask")
     done = threading.Event()
     killer = {}
     thread = threading.Thread(target=lambda: killer.setdefault(
         "killed", _kill_workers_grading(cluster, "unlucky", 2, done)))
     thread.start()
     try:
-        on_dask = autograde.autograde_class(root / "class", out=root / "dask", limits=LIMITS, progress=False,
-                                            scheduler=cluster)
+        first = _start(root, *args)
+        journal = root / "dask" / folders.JOURNAL
+        deadline = time.monotonic() + 300
+        while len(list(journal.glob("*/*/result.json"))) < 2:
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        first.kill()
+        first.communicate()
+        before = len(list(journal.glob("*/*/result.json")))
+        again = _start(root, *args)
+        stdout, stderr = again.communicate(timeout=900)
     finally:
         done.set()
         thread.join()
-    return {"root": root, "deserved": deserved, "dask": on_dask, "killed": killer["killed"]}
+    record = json.loads((root / "dask" / autograde.RECORD).read_text())["notebooks"]
+    return {"root": root, "deserved": deserved, "killed": killer["killed"], "before": before,
+            "code": again.returncode, "stdout": stdout, "stderr": stderr,
+            "record": {n["student"]: n for n in record}}  # the graded notebooks, one per student
 
 
 def test_a_class_graded_on_the_cluster_gets_what_each_student_deserves(graded):
@@ -163,32 +178,45 @@ def test_a_class_graded_on_the_cluster_gets_what_each_student_deserves(graded):
     assert {s: float(r["total"]) for s, r in rows.items()} == graded["deserved"]
     assert [s for s, r in rows.items() if r["flags"]] == ["attacker"]
     assert {r["max_score"] for r in rows.values()} == {rows["right"]["max_score"]}
-    assert graded["dask"].sandbox == "on"
+    assert "6 students graded (sandbox on)" in graded["stdout"]
 
 
 def test_a_worker_that_dies_costs_a_retry_then_its_student_alone_is_not_graded(graded):
     killed = graded["killed"]
     assert len(killed) == 2 and killed[0] != killed[1]  # the retry ran on another (or a restarted) worker
-    crash = graded["dask"].results["unlucky"][CE]
-    assert not crash.graded and crash.score == 0
-    assert "could not be graded: its grading worker died 2 times" in crash.problem
-    assert [r.student for r in graded["dask"].ungraded()] == ["unlucky"]  # every other result was kept
+    assert graded["code"] == 1, graded["stderr"]  # a notebook could not be graded
+    # every other result was kept
+    assert sorted(graded["record"]) == sorted(set(graded["deserved"]) - {"unlucky"})
     feedback = (graded["root"] / "dask" / "feedback" / "unlucky" / f"{CE}.html").read_text()
-    assert "its grading worker died 2 times" in feedback
+    assert "could not be graded: its grading worker died 2 times" in feedback
 
 
 def test_a_hostile_student_on_a_worker_harms_no_other_task_there(graded):
-    assert graded["dask"].flags("attacker")
+    assert graded["record"]["attacker"]["flags"]
     deadline = time.monotonic() + 10
     while _processes_with(TOKEN) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _processes_with(TOKEN)  # what it left behind died with its sandbox
     assert course.cached_template() is not None  # the template cache is intact
     # classmates graded after it by the same worker process scored what they deserve (first test)
-    machines = {s: per[stem].machine for s, per in graded["dask"].results.items() for stem in per
-                if per[stem].graded}
+    machines = {s: n["machine"] for s, n in graded["record"].items()}
     assert machines["attacker"].startswith("tcp://127.0.0.1:")
     assert [s for s, m in machines.items() if m == machines["attacker"] and s != "attacker"], machines
+
+
+def test_a_coordinator_killed_midway_is_resumed_and_grades_every_student_once(graded):
+    """The second run grades only what the first did not journal, says how many it skipped, and
+    publishes every grade (the first test: each what they deserve)."""
+    before, students = graded["before"], len(graded["deserved"])
+    assert 2 <= before < students
+    assert f"{before} notebook(s) already graded before the interruption were skipped" in graded["stdout"]
+    assert f"{students - before} graded in this run" in graded["stdout"]
+    db = sqlite3.connect(graded["root"] / "dask" / "course" / "gradebook.db")
+    per_student = dict(db.execute("SELECT student_id, COUNT(*) FROM submitted_assignment "
+                                  "GROUP BY student_id"))
+    assert {s: per_student.get(s) for s in graded["record"]} == dict.fromkeys(graded["record"], 1)  # once
+    assert not (graded["root"] / "dask" / folders.JOURNAL).exists()
+    assert sorted(p.name for p in graded["root"].iterdir()) == ["class", "dask"]
 
 
 def test_bad_scheduler_and_a_worker_without_the_sandbox_are_one_sentence(tmp_path, monkeypatch, capsys):
@@ -207,35 +235,3 @@ def test_bad_scheduler_and_a_worker_without_the_sandbox_are_one_sentence(tmp_pat
     assert "cannot grade: learner code cannot be isolated there: bubblewrap (bwrap) is not installed" in err
     assert "--no-sandbox" in err and err.count("\n") == 1 and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")) == ["class"]
-
-
-def test_a_coordinator_killed_midway_is_resumed_and_grades_every_student_once(cluster, graded, tmp_path):
-    """``backprop-ninja autograde --scheduler`` SIGKILLed once some results are journaled; the same
-    command again grades only the rest, says how many it skipped, and publishes every grade."""
-    for student in QUICK:
-        (tmp_path / "class" / student).mkdir(parents=True)
-        for nb in (graded["root"] / "class" / student).iterdir():
-            (tmp_path / "class" / student / nb.name).write_bytes(nb.read_bytes())
-    args = ("class", "--scheduler", cluster, "--out", "results")
-    killed = _start(tmp_path, *args)
-    journal = tmp_path / "results" / folders.JOURNAL
-    deadline = time.monotonic() + 300
-    while len(list(journal.glob("*/*/result.json"))) < 2:
-        assert time.monotonic() < deadline and killed.poll() is None, killed.communicate()
-        time.sleep(0.2)
-    killed.kill()
-    killed.communicate()
-    before = len(list(journal.glob("*/*/result.json")))
-    assert 2 <= before < len(QUICK)
-    run = _start(tmp_path, *args)
-    stdout, stderr = run.communicate(timeout=600)
-    assert run.returncode == 0, stderr
-    assert f"{before} notebook(s) already graded before the interruption were skipped" in stdout
-    assert f"{len(QUICK) - before} graded in this run" in stdout
-    assert _grades(tmp_path / "results") == [r for r in _grades(graded["root"] / "dask")
-                                             if r["student_id"] in QUICK]  # the very same rows
-    db = sqlite3.connect(tmp_path / "results" / "course" / "gradebook.db")
-    per_student = dict(db.execute("SELECT student_id, COUNT(*) FROM submitted_assignment "
-                                  "GROUP BY student_id"))
-    assert per_student == dict.fromkeys(QUICK, 1)  # once each
-    assert not journal.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["class", "results"]

@@ -287,7 +287,7 @@ def _grade_class(students, stems, scratch: Path, group: jobs.JobGroup, publicati
         (publication.staging / RECORD).write_text(json.dumps({"template": digest, "due": due, "notebooks": [
             {"student": r.student, "stem": r.stem, "sha256": shas[(r.student, r.stem)], "score": r.score,
              "max_score": r.max_score, "problem": r.problem, "flags": r.flags, "sandbox": r.sandbox,
-             "seconds_late": r.seconds_late, "late_penalty": r.late_penalty}
+             "seconds_late": r.seconds_late, "late_penalty": r.late_penalty, "machine": r.machine}
             for per_stem in results.results.values() for r in per_stem.values() if r.graded]}, indent=1))
     if unrecorded:
         raise UserError(f"{len(unrecorded)} grade(s) could not be recorded in the class gradebook, so "
@@ -324,7 +324,8 @@ def _kept(entry: dict | None, sha: str, submission: Path, publication: Publicati
     course = publication.staging / "course"
     res = NotebookResult(student, stem, max_score=entry["max_score"], problem=entry["problem"],
                          flags=entry["flags"], sandbox=entry["sandbox"], graded=True, kept=True,
-                         seconds_late=entry["seconds_late"], late_penalty=entry["late_penalty"])
+                         seconds_late=entry["seconds_late"], late_penalty=entry["late_penalty"],
+                         machine=entry.get("machine", ""))  # where it was graded (an older record has none)
     try:
         res.score = jobs.merge_grades(course / "gradebook.db", scratch / "kept" / f"{student}-{stem}",
                                       student, stem, group, source=before / "gradebook.db")
