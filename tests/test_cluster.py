@@ -33,7 +33,7 @@ import pytest
 from browser import free_port
 from learner import BN, CE, add_cell, notebook
 from test_grading import TOKEN, _processes_with
-from test_instructor import WRONG_CE, _start
+from test_instructor import WRONG_CE, _alive, _cmdline, _descendants, _start
 
 from backprop_ninja import cli
 from backprop_ninja.grading import autograde, course, folders
@@ -116,12 +116,13 @@ def cluster(tmp_path_factory):
         yield address
 
 
-def _kill_workers_grading(address: str, student: str, times: int, done: threading.Event) -> list[str]:
+def _kill_workers_grading(address: str, student: str, times: int, done: threading.Event) -> dict[str, list]:
     """SIGKILL the worker process grading ``student``'s task, ``times`` times (the nanny starts a
-    new one each time); the killed workers' addresses."""
+    new one each time); for each killed worker's address, what its grading job, kernel and job
+    server left alive 10 s later."""
     from distributed import Client
 
-    killed: list[str] = []
+    killed: dict[str, list] = {}
     with Client(address, timeout=60) as client:
         while len(killed) < times and not done.is_set():
             executing = client.run(lambda dask_worker: [str(ts.key) for ts in dask_worker.state.executing])
@@ -129,8 +130,13 @@ def _kill_workers_grading(address: str, student: str, times: int, done: threadin
                     if any(k.startswith(f"grade-{student}/") for k in keys)]
             if busy and busy[0] not in killed:
                 time.sleep(3)  # into the grading: its job and sandboxed kernel are starting
-                os.kill(client.run(os.getpid, workers=busy)[busy[0]], signal.SIGKILL)
-                killed.append(busy[0])
+                pid = client.run(os.getpid, workers=busy)[busy[0]]
+                family = _descendants(pid)
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while _alive(family) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                killed[busy[0]] = [_cmdline(p)[:120] for p in _alive(family)]
             time.sleep(0.5)
     return killed
 
@@ -183,7 +189,8 @@ def test_a_class_graded_on_the_cluster_gets_what_each_student_deserves(graded):
 
 def test_a_worker_that_dies_costs_a_retry_then_its_student_alone_is_not_graded(graded):
     killed = graded["killed"]
-    assert len(killed) == 2 and killed[0] != killed[1]  # the retry ran on another (or a restarted) worker
+    assert len(killed) == 2  # the retry ran on another (or a restarted) worker
+    assert killed == dict.fromkeys(killed, [])  # the job, its kernel and the job server died with each
     assert graded["code"] == 1, graded["stderr"]  # a notebook could not be graded
     # every other result was kept
     assert sorted(graded["record"]) == sorted(set(graded["deserved"]) - {"unlucky"})

@@ -11,9 +11,10 @@ A job runs in a process forked from a server that has nbgrader imported already 
 it costs seconds; the calling process never imports it), so N jobs are N notebooks executing
 at once, and a job that outlives its wall-clock limit is killed; its kernel dies with it
 (the sandbox's ``--die-with-parent``). A run's jobs form a ``JobGroup``: on Ctrl-C it kills
-the running ones and starts no other; a run killed outright takes its job server with it,
-and every job dies with the server. SQLite is only written by one process at a time:
-each job has its own gradebook and the caller merges them one by one.
+the running ones and starts no other; a job dies with the process that started it (a run or
+a Dask worker, even one killed outright), and its job server follows once no job is left.
+SQLite is only written by one process at a time: each job has its own gradebook and the
+caller merges them one by one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import sys
@@ -70,10 +72,34 @@ class NotebookResult:
 # --------------------------------------------------------------------------- inside a job process
 
 
+def _die_with(owner: int) -> None:
+    """Inside a job process: SIGKILL it (and so its sandboxed kernel) once ``owner``, the process
+    that started the job (a run, or a Dask worker), is gone, even killed outright: no job grades
+    on for nobody. The parent-death signal alone does not do it: the parent is the job server,
+    which a killed Dask worker left running with its job and kernel (tests/test_cluster.py)."""
+    try:
+        pidfd = os.pidfd_open(owner)
+    except ProcessLookupError:  # gone already
+        os.kill(os.getpid(), signal.SIGKILL)
+    except (AttributeError, OSError):  # not Linux >= 5.3: the job's wall-clock limit still ends it
+        return
+
+    def watch():
+        select.select([pidfd], [], [])  # readable once the owner has exited
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-owner").start()
+
+
+def _job(owner: int, target, args: tuple) -> None:
+    _die_with(owner)
+    target(*args)
+
+
 def _enter_job(root: Path) -> None:
-    """Inside a job process: die with the job server (it dies with the run, even a run killed
-    outright, so no job grades on for nobody); work in ``root``; nbgrader's log and stray output
-    go to a file there; nbgrader finds ``alembic`` (it runs it) even when the venv is not activated."""
+    """Inside a job process: die with the job server too; work in ``root``; nbgrader's log and
+    stray output go to a file there; nbgrader finds ``alembic`` (it runs it) even when the venv
+    is not activated."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     try:
@@ -341,7 +367,7 @@ def run_process(target, args: tuple, timeout: float, group: JobGroup | None = No
     """Run ``target(*args)`` in a job process; exit code, or None when it was killed at ``timeout``
     (its sandboxed kernel dies with it). Raises ``Stopped`` once ``group`` is stopped."""
     group = group or JobGroup()
-    proc = _context().Process(target=target, args=args, daemon=True)
+    proc = _context().Process(target=_job, args=(os.getpid(), target, args), daemon=True)
     group.start(proc)
     try:
         proc.join(timeout)
