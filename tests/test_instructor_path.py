@@ -1,6 +1,6 @@
 """The instructor's path, end to end, as an instructor walks it: nbgrader's formgrader in a real
 JupyterLab (``backprop-ninja formgrader``, loopback, a token) driven by Debian's Chromium headless,
-and the README's commands typed into that lab's terminal.
+and the README's commands pasted into that lab's terminal.
 
 1. release the assignment (formgrader: Release);
 2. three students fetch and submit through the course's exchange (nbgrader's CLI, each in a
@@ -48,7 +48,7 @@ BIASED_BN = {"n / (n - 1) * bnraw": "bnraw"}  # bob: exercise 3 with the biased 
 
 
 class Terminal:
-    """A JupyterLab terminal (File > New > Terminal) in ``page``: ``run`` types a command, as the
+    """A JupyterLab terminal (File > New > Terminal) in ``page``: ``run`` pastes a command, as the
     instructor would, waits until it exits, and returns its exit status and what it printed."""
 
     def __init__(self, page, status: Path):
@@ -70,7 +70,9 @@ class Terminal:
         status = f"echo $? > {self.status}/{self.count}" if shell else \
             f"2>&1 | tee $ST/{self.count}.log; echo ${{PIPESTATUS[0]}} > $ST/{self.count}"
         joined = " " if not shell or command.rstrip().endswith("&") else "; "
-        self.page.keyboard.type(f"{command}{joined}{status}")
+        # pasted, as a command copied from the README is: typed key by key, headless Chromium
+        # repaints the terminal for each one (4-6 CPU-s for a 300-character line, 0.2-0.5 pasted)
+        self.page.keyboard.insert_text(f"{command}{joined}{status}")
         self.page.keyboard.press("Enter")
         deadline = time.monotonic() + timeout
         while not (done.is_file() and done.read_text().strip()):
