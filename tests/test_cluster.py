@@ -119,7 +119,8 @@ def cluster(tmp_path_factory):
 def _kill_workers_grading(address: str, student: str, times: int, done: threading.Event) -> dict[str, list]:
     """SIGKILL the worker process grading ``student``'s task, ``times`` times (the nanny starts a
     new one each time); for each killed worker's address, what its grading job, kernel and job
-    server left alive 10 s later."""
+    server left alive 60 s later. (The job and kernel die at once; a job server killed while it
+    still imports, as on a restarted worker's first task, leaves once its imports are done.)"""
     from distributed import Client
 
     killed: dict[str, list] = {}
@@ -133,7 +134,7 @@ def _kill_workers_grading(address: str, student: str, times: int, done: threadin
                 pid = client.run(os.getpid, workers=busy)[busy[0]]
                 family = _descendants(pid)
                 os.kill(pid, signal.SIGKILL)
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + 60
                 while _alive(family) and time.monotonic() < deadline:
                     time.sleep(0.2)
                 killed[busy[0]] = [_cmdline(p)[:120] for p in _alive(family)]
