@@ -28,10 +28,10 @@ LECTURE_LOSS_BOUNDS = {"train": 2.10, "val": 2.14}
 
 # `make test` runs two pytest-xdist workers (--dist loadfile: each file on one worker). Files are handed
 # out in this order, the rest after them: xdist gives each worker one file, and the next one as soon as
-# two or fewer of its tests are left. So worker 1 grades the class (~8 min beside the other worker, two
-# notebooks at once); worker 2 walks the instructor's path in the browser (one test, ~7 min, mostly
-# waiting) with the Dask cluster's class queued behind it (~3 min, one Dask worker). Notebook 4's
-# 200,000 steps (~2.5 min, one core) and the other files go to whichever worker is free first.
+# two or fewer of its tests are left. So worker 1 grades the class (~5.5 min beside the other worker,
+# two notebooks at once); worker 2 walks the instructor's path in the browser (one test, ~2 min) with
+# the Dask cluster's class queued behind it (~2 min, one Dask worker). Notebook 4's 200,000 steps
+# (~1.2 min, one core) and the other files go to whichever worker is free first.
 FIRST = ("tests/test_grading.py", "tests/test_instructor_path.py", "tests/test_cluster.py",
          "solutions/04_full_training.ipynb")
 

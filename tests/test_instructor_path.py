@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import nbformat
@@ -173,8 +173,11 @@ def test_the_instructors_path_release_submit_collect_autograde_review_feedback_e
             submit = f"cd $s && nbgrader submit backprop --student=$s {EXCHANGE}"
             code, out = term.run(_each(("ada", "bob"), submit))
             assert code == 0, out
-            due = datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="seconds")
-            time.sleep(1.1)
+            # due: the whole second (what --due takes) after ada's and bob's submissions, and cy's
+            # after it. "Now" cut down to its second could fall before theirs, by milliseconds.
+            due_at = (datetime.now(UTC) + timedelta(seconds=1)).replace(tzinfo=None, microsecond=0)
+            time.sleep((due_at - datetime.now(UTC).replace(tzinfo=None)).total_seconds() + 0.1)
+            due = due_at.isoformat(timespec="seconds")
             code, out = term.run(_each(("cy",), submit))
             assert code == 0, out
             term.shot("2-submit")
