@@ -155,7 +155,7 @@ def autograde_class(submissions: Path | None, jobs_at_once: int = 1, out: Path |
             from backprop_ninja.grading.cluster import Cluster
 
             cluster = stack.enter_context(Cluster(scheduler, isolate))
-        jobs.warm_up()
+        jobs.warm_up(grading=cluster is None)
         scratch = stack.enter_context(scratch_folder())
         group = jobs.JobGroup()
         stack.callback(group.stop)  # whatever ends the run (Ctrl-C too) ends its jobs first

@@ -311,24 +311,32 @@ def merge_job(gradebook: str, job_dir: str, student: str, stem: str, source: str
 # --------------------------------------------------------------------------- from the caller
 
 
-def _context():
+# What the job server imports before it forks any job: what every job needs (nbgrader, the
+# feedback's caches) and, where notebooks are graded, the judge (which imports torch: ~2.7 s of CPU).
+_SERVER_PRELOAD = ["backprop_ninja.grading.jobs", "backprop_ninja.grading.steps", "nbgrader.converters",
+                   "nbgrader.api", "nbgrader.preprocessors", "nbclient", "nbconvert",
+                   "backprop_ninja.grading.warm"]
+_GRADING_PRELOAD = ["backprop_ninja.grading.judge"]
+
+
+def _context(grading: bool = True):
     """Jobs fork from a server that has already imported nbgrader (seconds saved per job) and
-    filled the caches every job would fill again (``warm``: about a second of CPU per job)."""
+    filled the caches every job would fill again (``warm``: about a second of CPU per job).
+    The preload counts only when the server starts, so ``warm_up``'s choice stands for the run."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["backprop_ninja.grading.jobs", "backprop_ninja.grading.steps",
-                                "backprop_ninja.grading.judge",
-                                "nbgrader.converters", "nbgrader.api", "nbgrader.preprocessors", "nbclient",
-                                "nbconvert", "backprop_ninja.grading.warm"])
+    ctx.set_forkserver_preload(_SERVER_PRELOAD + _GRADING_PRELOAD if grading else _SERVER_PRELOAD)
     return ctx
 
 
-def warm_up() -> None:
-    """Start the job server now, so that its imports (seconds) overlap with the caller's set-up."""
+def warm_up(grading: bool = True) -> None:
+    """Start the job server now, so that its imports (seconds) overlap with the caller's set-up.
+    ``grading=False``: no notebook is graded here (a Dask run's coordinator only releases the
+    template and records results), so the server does not import the judge and torch."""
     import multiprocessing.forkserver
 
-    _context()
+    _context(grading)
     multiprocessing.forkserver.ensure_running()
 
 
