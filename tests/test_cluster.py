@@ -79,8 +79,8 @@ def _class(root: Path) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _dask_cluster(root: Path, workers: int = 2, worker_env: dict | None = None):
-    """``dask scheduler`` and ``dask worker ADDRESS`` processes on loopback; the address."""
+def _dask_cluster(root: Path, worker_env: dict | None = None):
+    """A ``dask scheduler`` and one ``dask worker ADDRESS`` process on loopback; the address."""
     from distributed import Client
 
     address = f"tcp://127.0.0.1:{free_port()}"
@@ -89,12 +89,12 @@ def _dask_cluster(root: Path, workers: int = 2, worker_env: dict | None = None):
     log = open(root / f"dask-{address.rsplit(':', 1)[1]}.log", "w")  # noqa: SIM115 (closed below)
     procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
                                "--no-dashboard"], env=env, stdout=log, stderr=subprocess.STDOUT)]
-    procs += [subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
-                                "--no-dashboard"], env={**env, **(worker_env or {})}, stdout=log,
-                               stderr=subprocess.STDOUT) for _ in range(workers)]
+    procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
+                                   "--no-dashboard"], env={**env, **(worker_env or {})}, stdout=log,
+                                  stderr=subprocess.STDOUT))
     try:
         with Client(address, timeout=60) as client:
-            client.wait_for_workers(workers, timeout=120)
+            client.wait_for_workers(1, timeout=120)
         yield address
     finally:
         for proc in reversed(procs):
@@ -112,7 +112,7 @@ def _dask_cluster(root: Path, workers: int = 2, worker_env: dict | None = None):
 def cluster(tmp_path_factory):
     if probe() is not None:
         pytest.fail(f"the class must be graded in the sandbox: {probe()} (`make system-deps`)")
-    with _dask_cluster(tmp_path_factory.mktemp("cluster"), workers=1) as address:
+    with _dask_cluster(tmp_path_factory.mktemp("cluster")) as address:
         yield address
 
 
@@ -237,7 +237,7 @@ def test_bad_scheduler_and_a_worker_without_the_sandbox_are_one_sentence(tmp_pat
         err = capsys.readouterr().err
         assert says in err and "dask scheduler" in err and err.count("\n") == 1 and "Traceback" not in err
     no_bwrap = {"PATH": str(Path(sys.executable).parent)}  # a machine without bubblewrap
-    with _dask_cluster(tmp_path, workers=1, worker_env=no_bwrap) as address:
+    with _dask_cluster(tmp_path, worker_env=no_bwrap) as address:
         assert cli.main(["autograde", "class", "--scheduler", address, "--out", "results"]) == 2
     err = capsys.readouterr().err
     assert "cannot grade: learner code cannot be isolated there: bubblewrap (bwrap) is not installed" in err
