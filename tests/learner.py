@@ -111,6 +111,8 @@ def apply_submission(sub: dict) -> nbformat.NotebookNode:
 
 SUBMISSIONS = {p.stem: parse_submission(p)
                for p in sorted((Path(__file__).parent / "submissions").glob("*.txt"))}
+# The hostile ones (`# flagged: <rule>`), by name: the source rule that must flag each.
+HOSTILE_SUBMISSIONS = {name: sub["flagged"] for name, sub in SUBMISSIONS.items() if "flagged" in sub}
 
 
 def submitted_answer(sub: dict) -> str:

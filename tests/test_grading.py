@@ -250,7 +250,7 @@ def _class(paths: dict[str, str]) -> dict[str, Student]:
         "flood": _one(BN, notebook(BN, edit=add_cell("print('x' * (24 << 20))", at=3)), 6.0),
     }
     for name, sub in SUBMISSIONS.items():  # the hostile ones of tests/submissions (test_judge.py: the rest)
-        if sub.get("flagged") == "yes":
+        if "flagged" in sub:
             points = sum(sub["expect"].values())
             students[name.replace("_", "-")] = _one(sub["notebook"], apply_submission(sub), points,
                                                     sub.get("says"), flagged=True)

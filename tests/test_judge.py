@@ -196,7 +196,7 @@ def test_without_the_grader_the_hidden_test_fails_closed(monkeypatch):
         handin.hand_in(lambda **_: None)
 
 
-HONEST = sorted(name for name, sub in SUBMISSIONS.items() if sub.get("flagged") != "yes")
+HONEST = sorted(name for name, sub in SUBMISSIONS.items() if "flagged" not in sub)
 
 
 @pytest.mark.parametrize("name", HONEST)
