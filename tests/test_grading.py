@@ -40,6 +40,7 @@ from learner import (
     BN,
     CE,
     FULL,
+    HOSTILE_SUBMISSIONS,
     STEMS,
     STEP,
     SUBMISSIONS,
@@ -249,11 +250,11 @@ def _class(paths: dict[str, str]) -> dict[str, Student]:
         # 5. resources: one print larger than a kernel message may be (steps.MAX_MESSAGE_BYTES, 16 MB)
         "flood": _one(BN, notebook(BN, edit=add_cell("print('x' * (24 << 20))", at=3)), 6.0),
     }
-    for name, sub in SUBMISSIONS.items():  # the hostile ones of tests/submissions (test_judge.py: the rest)
-        if "flagged" in sub:
-            points = sum(sub["expect"].values())
-            students[name.replace("_", "-")] = _one(sub["notebook"], apply_submission(sub), points,
-                                                    sub.get("says"), flagged=True)
+    for name in HOSTILE_SUBMISSIONS:  # the hostile ones of tests/submissions (test_judge.py: the rest)
+        sub = SUBMISSIONS[name]
+        student = _one(sub["notebook"], apply_submission(sub), sum(sub["expect"].values()), sub.get("says"),
+                       flagged=True)
+        students[name.replace("_", "-")] = student
     return students
 
 

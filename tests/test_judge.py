@@ -12,7 +12,16 @@ import os
 
 import pytest
 import torch
-from learner import BN, CE, FULL, STEP, SUBMISSIONS, solution_function, submission_function
+from learner import (
+    BN,
+    CE,
+    FULL,
+    HOSTILE_SUBMISSIONS,
+    STEP,
+    SUBMISSIONS,
+    solution_function,
+    submission_function,
+)
 
 from backprop_ninja import handin
 from backprop_ninja.grading import judge
@@ -196,7 +205,7 @@ def test_without_the_grader_the_hidden_test_fails_closed(monkeypatch):
         handin.hand_in(lambda **_: None)
 
 
-HONEST = sorted(name for name, sub in SUBMISSIONS.items() if "flagged" not in sub)
+HONEST = sorted(set(SUBMISSIONS) - set(HOSTILE_SUBMISSIONS))
 
 
 @pytest.mark.parametrize("name", HONEST)
