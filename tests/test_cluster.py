@@ -230,6 +230,8 @@ def test_a_coordinator_killed_midway_is_resumed_and_grades_every_student_once(gr
 def test_bad_scheduler_and_a_worker_without_the_sandbox_are_one_sentence(tmp_path, monkeypatch, capsys):
     _class(tmp_path / "class")
     monkeypatch.chdir(tmp_path)
+    # a refused connection is retried until the timeout: 2 s make the same sentence as the 10 s default
+    monkeypatch.setattr("backprop_ninja.grading.cluster.CONNECT_SECONDS", 2)
     nobody = f"tcp://127.0.0.1:{free_port()}"
     for address, says in ((nobody, f"no Dask scheduler answers at --scheduler {nobody}"),
                           ("not-an-address", "no Dask scheduler answers at --scheduler not-an-address")):
