@@ -64,8 +64,9 @@ def forward(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor)
     The same numbers as ``model.GRAPH``'s lines up to the logits (to float rounding), then the
     fused ``F.cross_entropy``. Written out rather than run from GRAPH because it is the hot
     path of 200,000 steps: GRAPH keeps the lecture's exercise-1 lines bit for bit (cmp's `exact`
-    column depends on them), and those cost ~45 us a step more (``benchmarks/forward.py``: each
-    Python-scalar operation there dispatches a conversion a tensor operation does not).
+    column depends on them), and those cost a quarter more per call (``benchmarks/forward.py``:
+    60 against 48 us, ~10% of a step; each Python-scalar operation there dispatches a conversion a
+    tensor operation does not).
     Shapes (n = batch size, d = n_embd, H = n_hidden, V = vocab): Xb (n, block) int,
     Yb (n,) int, emb (n, block, d), embcat (n, block*d), hprebn/bndiff/bnraw/hpreact/h
     (n, H), bnmeani/bnvar/bnvar_inv (1, H), logits (n, V), loss () .
