@@ -189,11 +189,11 @@ def test_ctrl_c_while_waiting_for_a_job_kills_it_and_is_not_swallowed():
 def test_the_job_server_imports_torch_only_where_notebooks_are_graded(grading):
     """A Dask run's coordinator (``warm_up(grading=False)``) only releases and records: its jobs
     fork from a server without the judge and torch. A fresh process, as this one's server may be up."""
-    probe = "import sys; sys.exit(3 if 'torch' in sys.modules else 0)"
+    ask = "import sys; sys.exit(3 if 'torch' in sys.modules else 0)"  # run by a job: its exit code
     script = ("from backprop_ninja.grading import jobs\n"
               "if __name__ == '__main__':\n"
               f"    jobs.warm_up(grading={grading})\n"
-              f"    raise SystemExit(jobs.run_process(exec, ({probe!r},), timeout=120))\n")
+              f"    raise SystemExit(jobs.run_process(exec, ({ask!r},), timeout=120))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert proc.returncode == (3 if grading else 0), proc.stderr
 
