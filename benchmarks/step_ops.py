@@ -21,8 +21,8 @@ For the course's fused backward and for autograd (the same forward, update and m
   full-size step (the profiler's own overhead inflates every figure a little).
 - **the forward's tanh against its elementwise peers** on the hidden layer's (32, 200) values:
   ``tanh`` against ``sigmoid`` and ``exp``, which cost as much per value in a vectorised kernel.
-  On torch 2.13's CPU build ``tanh`` costs ~6x ``sigmoid`` under every ``ATEN_CPU_CAPABILITY``:
-  it is computed one value at a time, the largest single cost of the shared forward.
+  On torch 2.13's CPU build ``tanh`` costs ~6x ``sigmoid``, the same under every
+  ``ATEN_CPU_CAPABILITY`` (so it is not vectorised): the largest single cost of the shared forward.
 """
 
 from __future__ import annotations
