@@ -68,8 +68,11 @@ def memory_child(variant: str, steps: int, data: str) -> None:
     imported = _maxrss_mb()
     splits, itos = torch.load(data)
     train(VARIANTS[variant], 1, splits=splits, itos=itos, progress=False, calibrate_bn=False)
-    with open("/proc/self/clear_refs", "w") as f:  # "5": the peak resident set restarts from now
-        f.write("5")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5": the peak resident set restarts from now
+            f.write("5")
+    except OSError as e:
+        sys.exit(f"train_step: cannot reset this process's peak memory ({e}); measure with --no-memory.")
     before = _status_mb("VmRSS")
     train(VARIANTS[variant], steps, splits=splits, itos=itos, progress=False, calibrate_bn=False)
     print(json.dumps({"imported_mb": imported, "before_mb": before, "after_mb": _status_mb("VmHWM")}))
@@ -82,7 +85,10 @@ def peak_memory(steps: int) -> dict[str, dict]:
         torch.save(lecture_data(), data)
         for variant in VARIANTS:
             proc = subprocess.run([sys.executable, __file__, "--_memory-child", variant, "--memory-steps",
-                                   str(steps), "--_data", data], capture_output=True, text=True, check=True)
+                                   str(steps), "--_data", data], capture_output=True, text=True)
+            if proc.returncode != 0:  # the child's last line says why
+                lines = proc.stderr.strip().splitlines() or [f"train_step: the {variant} memory run failed."]
+                sys.exit(lines[-1])
             out[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
