@@ -138,6 +138,10 @@ HOSTILE = {
         "torch.compiler.disable(f)",
         "@dataclasses.dataclass\nclass T(torch.Tensor):\n    backward: object",
         "class T:\n    def backward(self):\n        pass",
+        "x = torch.nn.Parameter(t)",
+        "torch.optim.SGD([W1], lr=1.0).step()",
+        "x = torch.tensor(1.0, **{'requires_' + 'grad': True})",
+        "class T(torch.distributions.dirichlet.Function):\n    pass",
     ],
     "process, file or introspection": [
         "import os",
@@ -230,6 +234,16 @@ HOSTILE = {
         "np.testing.runstring(src, {})",
         "torch.get_file_path('x')",
         "class T:\n    __getattr__ = f",
+        "dataclasses.re.enum.bltns.eval('1')",
+        "b.getattr(x, 'back' + 'ward')()",
+        "b.open('/etc/hostname')",
+        "matplotlib.Path('/etc/hostname').read_text()",
+        "plt.style.Path('x').write_text('y')",
+        "match t:\n    case G(b):\n        b()",
+        "s = ('{0.%s}' % 'grad').format(x)",
+        "name = '_' + '_import_' + '_'",
+        "d = z.view(torch.float64)",
+        "d = np.frombuffer(z.tobytes())",
     ],
     "course internals": [
         "model.autograd_reference(params, Xb, Yb)",
@@ -298,6 +312,14 @@ HOSTILE = {
         "torch.fft.fft(x)",
         "torch.linalg.eigvals(m)",
         "print('{0.imag}'.format(z))",
+        "i = (-1) ** 0.5",
+        "i = pow(-1.0, 0.5)",
+        "i = (-1) ** 1e400",
+        "np.zeros(3, 'D')",
+        "np.full(3, -1.0, 'D')",
+        "a.view('c' + '16')",
+        "torch.view_as_real_copy(z)",
+        "np.real_if_close(z)",
         "z.is_complex()",
     ],
 }
@@ -389,6 +411,11 @@ HONEST = [
     "x = a.astype('d')",
     "class Box:\n    size = 3\n\n    def area(self):\n        return self.size ** 2",
     "@dataclasses.dataclass\nclass Step:\n    name: str\n    loss: float = 0.0",
+    "match shape:\n    case (a, b):\n        pass\n    case int(k) | [k]:\n        pass",
+    "x = (-1) ** 2 + 2 ** -0.5 + bnvar ** -0.5 + pow(2, 0.5) + (-1) ** 2.0",
+    "x = dh.view(n, -1) + dh.view(emb.shape[0], -1) + dh.view(-1)",
+    "print('{:.3f} {}'.format(1.0, 'a' + 'b'))",
+    "x = np.zeros(3, 'f')",
 ]
 
 
@@ -470,6 +497,75 @@ def _derivative_names():
 def test_torch_names_that_differentiate_are_autograd(name):
     assert _rules(f"torch.{name}") == {"autograd"}
     assert "autograd" in _rules(f"from torch import {name}")
+
+
+def _forbidden():
+    """What no answer cell may reach, by id: the builtins and modules the process rule names (and their
+    code-running and file functions, pathlib's classes), and autograd's and torch's internal doors."""
+    import builtins
+    import importlib
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    import torch.autograd.functional
+
+    modules = [builtins, os, sys, subprocess, importlib, pathlib, torch.autograd, torch.func, torch._C]
+    things = {id(m): m.__name__ for m in modules} | {id(torch.ops): "torch.ops"}
+    names = ("eval", "exec", "open", "getattr", "setattr", "compile", "globals", "vars", "__import__")
+    things |= {id(getattr(builtins, n)): n for n in names}
+    things |= {id(c): c.__name__ for c in (pathlib.Path, pathlib.PurePath, torch.autograd.grad,
+                                           torch.autograd.Function, torch.autograd.functional.jacobian)}
+    return things
+
+
+def test_no_unflagged_attribute_chain_reaches_the_forbidden():
+    """Follow every attribute an answer cell may name (those no rule flags) from what it may import, four
+    links deep, through modules, classes and tensors: none may lead to builtins, a process or file
+    module, or autograd. Libraries re-export modules under new names (enum's `bltns` is builtins,
+    matplotlib's `Path` is pathlib's), so this walks the libraries installed, not a list."""
+    import collections
+    import dataclasses
+    import inspect
+    import itertools
+    import math
+    import random
+    import string
+    import types
+    import typing
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from backprop_ninja.grading.rules import _attribute_rule
+
+    roots = dict(torch=torch, F=F, nn=torch.nn, np=np, math=math, plt=plt, matplotlib=matplotlib,
+                 itertools=itertools, functools=functools, collections=collections, time=time, random=random,
+                 statistics=statistics, string=string, typing=typing, dataclasses=dataclasses,
+                 x=torch.zeros(1), a=np.zeros(1))
+    forbidden, reached, seen = _forbidden(), {}, set()
+    todo = collections.deque((value, name, 0) for name, value in roots.items())
+    while todo:
+        value, path, depth = todo.popleft()
+        if id(value) in forbidden and depth:
+            reached.setdefault(forbidden[id(value)], path)
+        if id(value) in seen or depth == 4:
+            continue
+        seen.add(id(value))
+        if isinstance(value, types.ModuleType):
+            items = list(vars(value).items())
+        elif isinstance(value, (type, torch.Tensor, np.ndarray)):
+            kind = value if isinstance(value, type) else type(value)
+            items = [(k, inspect.getattr_static(kind, k, None)) for k in dir(kind)]
+        else:
+            continue
+        for name, attr in items:
+            if isinstance(name, str) and _attribute_rule(name) is None:
+                attr = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
+                todo.append((attr, f"{path}.{name}", depth + 1))
+    assert reached == {}
 
 
 def test_no_grad_is_allowed_because_it_only_switches_autograd_off():

@@ -5,7 +5,10 @@ A cell is first transformed the way IPython runs it, so `!ls`, `%%bash` and `x?`
 The rules are classes of behaviour, each a few tables of names below: autograd, reaching outside the
 computation (processes, files, introspection), the course's own modules, the shell, complex numbers.
 Names are checked where they are attributes (`x.backward`), imported names, keyword names and format
-fields (`"{0.grad}"`); a bare local name (`grads`, a function `backward`) is the learner's own.
+fields (`"{0.grad}"`); a bare local name (`grads`, a function `backward`) is the learner's own. A string
+joined with + is checked as the string it makes. What turns a string made at run time into an attribute
+lookup (getattr, a format string built at run time, a class pattern's __match_args__) is flagged itself,
+and `tests/test_rules.py` walks the installed libraries to prove no unflagged chain of names leads out.
 """
 
 import ast
@@ -44,23 +47,34 @@ RULES = {
 AUTOGRAD_NAMES = {"autograd", "func", "forward_ad", "functional_call", "jacrev", "jacfwd", "hvp", "vhp",
                   "linearize", "make_dual", "unpack_dual", "dual_level", "register_hook",
                   "ops", "library", "jit", "compile", "compiler", "fx", "export", "overrides", "utils",
-                  "CompilationUnit", "import_ir_module", "import_ir_module_from_buffer"}
+                  "CompilationUnit", "import_ir_module", "import_ir_module_from_buffer",
+                  "optim", "Parameter", "Function"}  # read .grad, make leaves that record, define a backward
 AUTOGRAD_PATTERN = re.compile(r"grad(?!e|ing)|backward|jacobian|hessian|jvp|vjp", re.IGNORECASE)
 NOT_AUTOGRAD = {"no_grad"}  # it can only switch autograd off
 
 # -- complex numbers: complex-step needs a complex value in, and its imaginary part out.
-COMPLEX_NAMES = {"cfloat", "cdouble", "chalf", "csingle", "clongdouble", "imag", "real", "polar",
-                 "view_as_real", "conj", "conj_physical", "resolve_conj", "angle",
+COMPLEX_NAMES = {"cfloat", "cdouble", "chalf", "csingle", "clongdouble", "polar",
+                 "conj", "conj_physical", "resolve_conj", "angle",
                  "fft", "stft", "istft", "eig", "eigvals", "emath", "roots"}  # these make complex values too
+COMPLEX_PARTS = re.compile(r"(?:^|_)(?:real|imag)(?:_|$)")  # .real, view_as_real_copy, np.real_if_close ...
 # numpy's complex dtypes by string: "complex64", "D", "c16", "cdouble" ...
 COMPLEX_DTYPE = re.compile(r"(?i:complex)"
                            r"|^[<>=|]?(?:[FDG]|c(?:8|16|32)|c(?:float|double|single|longdouble|half))$")
+# Calls that take a dtype as a positional argument (np.zeros(3, "D"), a.view("c16")).
+DTYPE_CALLS = {"astype", "view", "type", "to", "dtype", "array", "asarray", "asanyarray", "ascontiguousarray",
+               "zeros", "ones", "empty", "full", "arange", "eye", "identity", "ndarray", "frombuffer",
+               "fromiter", "zeros_like", "ones_like", "empty_like", "full_like"}
+# What a dtype is called as an attribute or a builtin (torch.float64, np.float32, float): `t.view(dtype)`
+# reads a tensor's bytes as another type, the way a complex result's imaginary part is read out.
+DTYPE_NAME = re.compile(r"^(?:u?int\d*|b?float\d*|float_|double|half|single|long(?:double)?|short|bool_?|"
+                        r"complex\w*|c(?:float|double|half))$")
 
 # -- process, file or introspection. Modules an answer cell may import:
 ALLOWED_IMPORTS = {"torch", "torch.nn", "torch.nn.functional", "math", "numpy", "matplotlib",
                    "matplotlib.pyplot", "itertools", "functools", "collections", "time", "random",
                    "statistics", "string", "typing", "dataclasses"}
-# Builtins that run code, touch files or the namespace, or look attributes up by a string.
+# Builtins that run code, touch files or the namespace, or look attributes up by a string; flagged
+# as attributes too (the builtins module is re-exported under other names: enum's `bltns`).
 BUILTINS = {"eval", "exec", "compile", "__import__", "open", "globals", "locals", "vars", "getattr",
             "setattr", "delattr", "breakpoint", "input", "memoryview", "help", "exit", "quit", "get_ipython"}
 # Modules outside the allowlist that torch, numpy and matplotlib re-export as attributes (torch.os,
@@ -70,13 +84,15 @@ MODULES = {"os", "sys", "subprocess", "importlib", "ctypes", "builtins", "inspec
            "socket", "threading", "multiprocessing", "mp", "reduction", "reducer", "concurrent", "asyncio",
            "signal", "atexit", "gc", "types", "copyreg", "weakref", "traceback", "linecache", "dis", "ast",
            "operator", "logging", "platform", "runpy", "code", "codeop", "pdb", "site", "sysconfig",
-           "pkgutil", "urllib", "http", "posix", "mmap", "resource", "faulthandler", "Image"}
+           "pkgutil", "urllib", "http", "posix", "mmap", "resource", "faulthandler", "Image",
+           "bltns", "enum"}  # enum imports builtins as bltns (matplotlib.re.enum.bltns.eval)
 # Attributes that read or write files and memory, or reach processes and other machines.
 FILES = {"load", "save", "savez", "savez_compressed", "fromfile", "tofile", "from_file", "memmap", "loadtxt",
          "savetxt", "genfromtxt", "fromregex", "dump", "DataSource", "imread", "imsave", "savefig",
          "ctypeslib", "lib", "f2py", "distutils", "distributed", "hub", "backends", "package", "classes",
          "serialization", "storage", "untyped_storage", "data_ptr", "set_", "onnx", "profiler",
-         "get_file_path", "PyTorchFileReader", "PyTorchFileWriter", "rc_file", "cbook"}
+         "get_file_path", "PyTorchFileReader", "PyTorchFileWriter", "rc_file", "cbook",
+         "Path", "PurePath", "PosixPath", "frombuffer", "tobytes", "tostring"}  # matplotlib.Path is pathlib's
 # Allowed modules' tools that turn a string into an attribute lookup or code (string.Formatter fetches
 # "{0.backward}", functools.update_wrapper copies named attributes, get_type_hints evals annotations,
 # np.testing.runstring execs and its extbuild compiles C).
@@ -197,11 +213,21 @@ def _attribute_rule(name):
         return PROCESS
     if name in AUTOGRAD_NAMES or (AUTOGRAD_PATTERN.search(name) and name not in NOT_AUTOGRAD):
         return AUTOGRAD
-    if name in COMPLEX_NAMES or "complex" in name.lower():
+    if name in COMPLEX_NAMES or "complex" in name.lower() or COMPLEX_PARTS.search(name):
         return COMPLEX
-    if name in MODULES or name in FILES or name in STRING_DOORS or name.startswith(FRAME_PREFIXES):
+    if (name in MODULES or name in FILES or name in STRING_DOORS or name in BUILTINS
+            or name.startswith(FRAME_PREFIXES)):
         return PROCESS
     return None
+
+
+def _is_dtype(node):
+    """A dtype written out: a string, torch.float64 / np.float32 ..., or a builtin such as float."""
+    if _text(node) is not None:
+        return True
+    name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
+    return bool(name and DTYPE_NAME.match(name) and (isinstance(node, ast.Attribute) or name in
+                                                     ("float", "int", "bool", "complex")))
 
 
 def _private(name):
@@ -217,7 +243,38 @@ def _loads(node):
 
 
 def _text(node):
-    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+    """The string a node certainly is: a literal, or literals joined by + (`"back" + "ward"`), else None."""
+    if isinstance(node, ast.Constant):
+        return node.value if isinstance(node.value, str) else None
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _text(node.left), _text(node.right)
+        return None if left is None or right is None else left + right
+    if isinstance(node, ast.JoinedStr):
+        parts = [_text(v) for v in node.values]
+        return None if None in parts else "".join(parts)
+    return None
+
+
+def _number(node):
+    """The int or float a node certainly is (a literal, or one with a sign), else None."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _number(node.operand)
+        return None if value is None else (-value if isinstance(node.op, ast.USub) else value)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    return None
+
+
+def _makes_complex(base, exponent):
+    """`(-1) ** 0.5`, pow(-1, 0.5): Python answers a negative number's fractional power with a complex."""
+    b, e = _number(base), _number(exponent)
+    return b is not None and e is not None and b < 0 and not float(e).is_integer()
+
+
+# Builtin types whose class pattern matches the subject itself (`case int(x)`); any other class pattern
+# with positional parts reads attributes named by strings (the class's __match_args__).
+SELF_MATCHING = {"bool", "bytearray", "bytes", "dict", "float", "frozenset", "int", "list", "set", "str",
+                 "tuple"}
 
 
 def _import_binds(node):
@@ -418,19 +475,29 @@ class _Check:
     visit_ImportFrom = visit_Import
 
     def visit_keyword(self, node, scope, line):
-        if node.arg and _private(node.arg):
-            self.flag(PROCESS, f"{node.arg}=", line)
-        elif node.arg and AUTOGRAD_PATTERN.search(node.arg):  # requires_grad=True
-            self.flag(AUTOGRAD, f"{node.arg}=", line)
-        elif node.arg == "dtype" and COMPLEX_DTYPE.search(_text(node.value) or "_"):
-            self.flag(COMPLEX, f"dtype={node.value.value!r}", line)
+        if node.arg:
+            self.check_keyword(node.arg, node.value, line)
+        elif isinstance(node.value, ast.Dict):  # f(**{"requires_grad": True}) names its keywords too
+            for key, value in zip(node.value.keys, node.value.values):
+                if _text(key) is not None:
+                    self.check_keyword(_text(key), value, line)
         return [(node.value, scope)]
+
+    def check_keyword(self, name, value, line):
+        if _private(name):
+            self.flag(PROCESS, f"{name}=", line)
+        elif AUTOGRAD_PATTERN.search(name):  # requires_grad=True
+            self.flag(AUTOGRAD, f"{name}=", line)
+        elif name == "dtype" and COMPLEX_DTYPE.search(_text(value) or "_"):
+            self.flag(COMPLEX, f"dtype={_text(value)!r}", line)
 
     def visit_MatchClass(self, node, scope, line):
         for attr in node.kwd_attrs:  # `case object(grad=g)` reads the attribute `grad`
             rule = _attribute_rule(attr)
             if rule:
                 self.flag(rule, f".{attr}", line)
+        if node.patterns and not (isinstance(node.cls, ast.Name) and node.cls.id in SELF_MATCHING):
+            self.flag(PROCESS, "case C(x): attributes named by __match_args__", line)
         return [(c, scope) for c in ast.iter_child_nodes(node)]
 
     # -- values
@@ -439,13 +506,24 @@ class _Check:
         if isinstance(value, complex):
             self.flag(COMPLEX, repr(value), line, node.col_offset)
         elif isinstance(value, str):
-            for dunder in DUNDER.findall(value):  # for APIs that take attribute names as strings
-                self.flag(PROCESS, repr(dunder), line, node.col_offset)
-            for field in re.findall(r"\{([^{}!:]*)", value):  # "{0.grad}".format(x) reads x.grad
-                rule = next((r for r in map(_attribute_rule, re.findall(r"\.(\w+)", field)) if r), None)
-                if rule:
-                    self.flag(rule, repr("{" + field + "}"), line, node.col_offset)
+            self.check_text(value, line, node.col_offset)
         return []
+
+    def check_text(self, text, line, col):
+        for dunder in DUNDER.findall(text):  # for APIs that take attribute names as strings
+            self.flag(PROCESS, repr(dunder), line, col)
+        for field in re.findall(r"\{([^{}!:]*)", text):  # "{0.grad}".format(x) reads x.grad
+            rule = next((r for r in map(_attribute_rule, re.findall(r"\.(\w+)", field)) if r), None)
+            if rule:
+                self.flag(rule, repr("{" + field + "}"), line, col)
+
+    def visit_BinOp(self, node, scope, line):
+        text = _text(node)
+        if text is not None:  # "_" + "_import_" + "_" is checked as the string it makes
+            self.check_text(text, line, node.col_offset)
+        if isinstance(node.op, ast.Pow) and _makes_complex(node.left, node.right):
+            self.flag(COMPLEX, "a negative number ** a fraction", line, node.col_offset)
+        return [(c, scope) for c in ast.iter_child_nodes(node)]
 
     def visit_Expr(self, node, scope, line):
         if isinstance(node.value, ast.Constant):  # a docstring or a bare string: it does nothing
@@ -469,10 +547,18 @@ class _Check:
                     isinstance(a, ast.Starred) for a in node.args)):
                 self.flag(PROCESS, "type(name, bases, dict)", line)  # a class from strings, dunders included
         name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-        if name in ("astype", "view", "type", "to", "dtype", "array", "asarray"):
+        if name in DTYPE_CALLS:
             for text in filter(None, map(_text, node.args)):
                 if COMPLEX_DTYPE.search(text):
                     self.flag(COMPLEX, f"{name}({text!r})", line)
+        if name == "pow" and len(node.args) >= 2 and _makes_complex(*node.args[:2]):
+            self.flag(COMPLEX, "pow(a negative number, a fraction)", line)
+        if isinstance(func, ast.Attribute):
+            if name == "view" and any(map(_is_dtype, node.args)):  # a tensor's bytes read as another type
+                self.flag(PROCESS, ".view(dtype)", line)
+            if name in ("format", "format_map") and _text(func.value) is None:
+                # a format string made at run time: its fields look attributes up by name, unchecked here
+                self.flag(PROCESS, f".{name}() of a string built at run time", line)
         return children
 
     def ipython_escape(self, node):
