@@ -5,7 +5,11 @@ nothing it starts outlives it. (The graded pipeline itself is tested in test_gra
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import importlib.util
 import os
+import platform
+import py_compile
 import secrets
 import socket
 import time
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from backprop_ninja.grading import course
+from backprop_ninja.grading import course, sandbox
 from backprop_ninja.grading.sandbox import Box, Limits, probe
 from backprop_ninja.grading.steps import BoxedKernelManager, SandboxedExecute
 
@@ -67,15 +71,40 @@ class Kernel:
         self.loop.close()
 
 
+# add_key(2)'s system call number, by machine; the key a grader's session holds in the tests.
+ADD_KEY_SYSCALL = {"x86_64": 248, "aarch64": 217, "riscv64": 217}
+GRADER_KEY = b"backprop-ninja-test:grader-token"
+KEY_SPEC_SESSION_KEYRING = -3
+
+
+def _grader_holds_a_key() -> bool:
+    """Give this (the grader's) process a session keyring holding a key, as a systemd service or a login
+    session has; False where keyctl is unknown or refused (then no box can reach keys either)."""
+    machine = platform.machine()
+    if machine not in ADD_KEY_SYSCALL:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(sandbox.KEYCTL_SYSCALL[machine], sandbox.KEYCTL_JOIN_SESSION_KEYRING,
+                    b"backprop-ninja-test") < 0:
+        return False
+    return libc.syscall(ADD_KEY_SYSCALL[machine], b"user", GRADER_KEY, b"secret", 6,
+                        KEY_SPEC_SESSION_KEYRING) >= 0
+
+
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
     _require_sandbox()
     root = tmp_path_factory.mktemp("box")
     os.environ["BACKPROP_NINJA_TEST_SECRET"] = "grader-only"
+    # the bytecode of the course's answers, as any import of them on this machine leaves it
+    reference = Path(sandbox.__file__).parents[1] / "reference.py"
+    py_compile.compile(str(reference), cfile=importlib.util.cache_from_source(str(reference)), doraise=True)
     box = Box(root, Limits(home_bytes=8 << 20, file_bytes=4 << 20), isolate=True)
     box.put("task.json", b"{}")
     box.slot("case-0.safetensors")
+    grader_key = _grader_holds_a_key()  # before the kernel starts: it would inherit the keyring
     k = Kernel(box)
+    k.grader_key = grader_key
     yield k
     k.stop()
     del os.environ["BACKPROP_NINJA_TEST_SECRET"]
@@ -100,6 +129,11 @@ def test_it_sees_no_course_source_no_other_job_and_no_grader_code(kernel, tmp_pa
     assert status == "error" and "ModuleNotFoundError" in err
     status, _, err = kernel.run("from backprop_ninja.reference import fused_backward")
     assert status == "error" and "Error" in err  # the course's own answers are not there either
+    package = Path(sandbox.__file__).parents[1]
+    assert any((package / "__pycache__").glob("reference.*.pyc"))  # the grader's machine has the bytecode
+    seen = kernel.value(f"[n for d in ({str(package)!r}, {str(package / '__pycache__')!r}) "
+                        "for n in __import__('os').listdir(d)]")
+    assert "model.py" in seen and not [n for n in seen if n.startswith(("reference", "grading"))]
     status, _, _ = kernel.run("import torch, backprop_ninja.model, backprop_ninja.handin")
     assert status == "ok"  # what a learner's notebook needs is there
 
@@ -108,6 +142,15 @@ def test_it_inherits_none_of_the_graders_environment(kernel):
     env = kernel.value("dict(__import__('os').environ)")
     assert "BACKPROP_NINJA_TEST_SECRET" not in env and "BACKPROP_NINJA_JUDGE_SEED" not in env
     assert env["HOME"] == "/home/learner"
+
+
+def test_it_cannot_reach_the_graders_keys(kernel):
+    if not kernel.grader_key:
+        pytest.skip("keyctl is unknown or refused on this machine: no process here can hold a key")
+    machine = platform.machine()
+    found = kernel.value(f"__import__('ctypes').CDLL(None).syscall({sandbox.KEYCTL_SYSCALL[machine]}, 10, "
+                         f"{KEY_SPEC_SESSION_KEYRING}, b'user', {GRADER_KEY!r}, 0)")
+    assert found == -1  # KEYCTL_SEARCH of its session keyring: the grader's key is not there
 
 
 def test_it_has_no_network(kernel):

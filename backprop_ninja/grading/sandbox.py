@@ -7,8 +7,8 @@ bubblewrap sandbox (``bwrap``, a Debian package):
   mapped in a user namespace; no capabilities, no new privileges;
 - its own mount namespace: /usr, /etc and the Python environment read-only, the course
   package read-only *without* its ``grading/`` folder (what decides a grade is not even
-  visible) and its ``reference.py`` (the course's own answers), the data folder read-only,
-  and small in-memory /tmp and home folders.
+  visible) and its ``reference`` module (the course's own answers), source and bytecode
+  alike, the data folder read-only, and small in-memory /tmp and home folders.
   Nothing else of the machine: no other submission, no output folder, no course template;
 - no network (its own network namespace): the grader reaches it over Unix sockets
   (ZeroMQ's ``ipc`` transport) in a folder it can no longer write to once it is up;
@@ -16,7 +16,9 @@ bubblewrap sandbox (``bwrap``, a Debian package):
   starts dies with it (``--die-with-parent``; the namespace ends with its init);
 - limits inherited by everything it starts: address space, CPU seconds, processes
   (root only: the count is per uid), file size, no core dumps; plus the wall-clock
-  limit of the job that runs it.
+  limit of the job that runs it;
+- a session keyring of its own: the kernel keyring the grader may hold (a systemd service
+  or a login session has one) is neither readable nor writable from the box.
 
 Its only way back to the grader is the hand-in box: ``in/`` (read-only) holds what the
 grader put there, ``out/`` holds files the grader created, which the kernel may fill up
@@ -31,9 +33,11 @@ the grader, outside the box) sets the limits, points the kernel's output at
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import os
+import platform
 import resource
 import secrets
 import shutil
@@ -145,6 +149,41 @@ def _read_only(*paths: str) -> list[str]:
     for p in dict.fromkeys(str(Path(p)) for p in paths):
         args += [*_parents(p), "--ro-bind", p, p]
     return args
+
+
+# The course package's modules a kernel may not see: what decides a grade, and the course's own answers.
+HIDDEN_MODULES = ("grading", "reference")
+
+
+def _package_view(package: Path) -> list[str]:
+    """The course package as the kernel sees it: an empty in-memory folder with each of the package's
+    modules and folders bound back in read-only, but not the hidden ones, neither their source nor their
+    bytecode (``__pycache__/reference.cpython-311.pyc`` holds the answers as surely as ``reference.py``).
+    A file the grader's machine adds to the package later never appears in the box."""
+    args = [*_parents(str(package)), "--perms", "0755", "--size", "1048576", "--tmpfs", str(package)]
+    for entry in sorted(package.iterdir()):
+        if entry.name == "__pycache__":
+            args += ["--perms", "0755", "--dir", str(entry)]
+            args += [a for pyc in sorted(entry.glob("*.pyc")) if pyc.name.split(".")[0] not in HIDDEN_MODULES
+                     for a in ("--ro-bind", str(pyc), str(pyc))]
+        elif (entry.is_dir() or entry.suffix == ".py") and entry.stem not in HIDDEN_MODULES:
+            args += ["--ro-bind", str(entry), str(entry)]
+    return args
+
+
+# keyctl(2)'s system call number, by machine (Python has no binding for it).
+KEYCTL_SYSCALL = {"x86_64": 250, "aarch64": 219, "riscv64": 219}
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def _own_session_keyring() -> None:
+    """Join a new, anonymous session keyring, which the kernel inherits instead of the grader's: the
+    kernel keyring is not namespaced, so any key a grader's session holds would be the box's to read,
+    change and pass to another student's kernel. Where keyctl is unknown or refused (a seccomp
+    profile), the box cannot reach keys either, so there is nothing to do."""
+    number = KEYCTL_SYSCALL.get(platform.machine())
+    if number is not None:
+        ctypes.CDLL(None, use_errno=True).syscall(number, KEYCTL_JOIN_SESSION_KEYRING, None)
 
 
 # sun_path of a Unix socket is 108 bytes on Linux, one of them the terminating NUL.
@@ -296,9 +335,7 @@ def _bwrap_argv(spec: dict, connection: str, kernel: list[str]) -> list[str]:
     home_size = str(limits["home_bytes"])
     args = [_bwrap(), *_namespaces(), *_system_binds(),
             "--perms", "1777", "--size", home_size, "--tmpfs", "/tmp",
-            *_read_only(sys.base_prefix, sys.prefix, str(package)),
-            "--perms", "0755", "--size", "4096", "--tmpfs", str(package / "grading"),
-            "--ro-bind", "/dev/null", str(package / "reference.py"),
+            *_read_only(sys.base_prefix, sys.prefix), *_package_view(package),
             *_read_only(str(_data_dir())),
             *_font_cache(),
             *_parents(HOME), "--perms", "0700" if not spec["uid_switch"] else "1777", "--size", home_size,
@@ -332,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     os.dup2(log, 1)
     os.dup2(log, 2)
     _set_limits(spec["limits"], uid_limit=spec["uid_switch"])
+    _own_session_keyring()
     if spec["isolate"]:
         cmd = _bwrap_argv(spec, str(copy), kernel)
         os.execv(cmd[0], cmd)
