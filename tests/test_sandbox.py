@@ -69,6 +69,7 @@ class Kernel:
         self.kc.stop_channels()
         self.loop.run_until_complete(self.km.shutdown_kernel(now=True))
         self.loop.close()
+        self.box.close()
 
 
 # add_key(2)'s system call number, by machine; the key a grader's session holds in the tests.
@@ -206,6 +207,51 @@ def test_its_limits_are_set(kernel):
     limits = kernel.value("[__import__('resource').getrlimit(getattr(__import__('resource'), n))[0] "
                           "for n in ('RLIMIT_AS', 'RLIMIT_FSIZE', 'RLIMIT_CORE')]")
     assert limits == [Limits.memory, 4 << 20, 0]
+
+
+# System V shared memory, 768 MiB at a time: each segment is made and touched by a process of its own, which
+# then exits; the segment lives on, and no process's address space counts it.
+SEGMENT = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+address = libc.shmat(libc.shmget(0, 768 << 20, 0o1600), None, 0)  # IPC_PRIVATE, IPC_CREAT | 0600
+ctypes.memset(address, 1, 768 << 20)
+"""
+SHARED_MEMORY = f"""
+import subprocess, sys
+codes = [subprocess.run([sys.executable, "-c", {SEGMENT!r}]).returncode for _ in range(3)]
+print("survived" if codes == [0, 0, 0] else codes)
+"""
+
+
+def _oom_kills(cgroup: Path) -> int:
+    """How many processes the cgroup's memory cap has stopped (v1 memory.oom_control, v2 memory.events)."""
+    for name in ("memory.oom_control", "memory.events"):
+        if (cgroup / name).exists():
+            return int(dict(line.split() for line in (cgroup / name).read_text().splitlines())["oom_kill"])
+    raise AssertionError(f"{cgroup} counts no OOM kills")
+
+
+def test_the_box_and_all_it_starts_share_one_memory_cap(tmp_path):
+    """2.25 GiB of shared memory, 768 MiB per process, against a 1.5 GiB cap for the whole box: the cap stops
+    it (each process alone is within its address-space limit), and the machine keeps none of it."""
+    _require_sandbox()
+    box = Box(tmp_path, Limits(memory=3 << 29), isolate=True)
+    if box.cgroup is None:
+        pytest.skip("this machine lets the grader make no memory cgroup (not root, or /sys/fs/cgroup is "
+                    "read-only): only the per-process limits hold")
+    k = Kernel(box)
+    try:
+        try:
+            _, out, _ = k.run(SHARED_MEMORY, timeout=30)
+        except TimeoutError:  # the kernel itself was stopped mid-cell: no reply comes
+            out = ""
+        assert "survived" not in out
+        assert _oom_kills(box.cgroup) > 0
+    finally:
+        k.stop()
+    assert not box.cgroup.exists()  # closed with the kernel
 
 
 def test_everything_it_starts_dies_with_it(tmp_path):

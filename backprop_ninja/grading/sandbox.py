@@ -18,7 +18,12 @@ bubblewrap sandbox (``bwrap``, a Debian package):
   (root only: the count is per uid), file size, no core dumps; plus the wall-clock
   limit of the job that runs it;
 - a session keyring of its own: the kernel keyring the grader may hold (a systemd service
-  or a login session has one) is neither readable nor writable from the box.
+  or a login session has one) is neither readable nor writable from the box;
+- where the grader may make one (root, cgroup v1 or a v2 that delegates memory), a memory
+  cgroup of its own: the kernel and everything it starts share ``memory`` bytes, shared
+  memory and in-memory files included, which the per-process address-space limit does not
+  count (System V segments and memfds outlive their mappings). ``Box.close`` kills what is
+  left in it and removes it.
 
 Its only way back to the grader is the hand-in box: ``in/`` (read-only) holds what the
 grader put there, ``out/`` holds files the grader created, which the kernel may fill up
@@ -41,9 +46,11 @@ import platform
 import resource
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,7 +66,8 @@ MPL_DIR = "/tmp/matplotlib"  # matplotlib's config and cache folder, inside the 
 class Limits:
     """What one notebook may use. ``cell_timeout``: seconds per cell; ``notebook_timeout``:
     wall-clock seconds for the whole grading job; ``memory``: bytes of address space per
-    process (torch needs ~1.5 GB of it just to import); ``processes``: processes and threads
+    process (torch needs ~1.5 GB of it just to import), and of memory for the whole box where
+    it has a memory cgroup; ``processes``: processes and threads
     of the kernel's uid (ipykernel and torch start ~10); ``file_bytes``: the largest file
     it may write; ``home_bytes``: its in-memory home and /tmp, each; ``output_bytes``: what
     the grader keeps of a cell's output, ``notebook_output_bytes`` of the whole notebook's."""
@@ -186,6 +194,91 @@ def _own_session_keyring() -> None:
         ctypes.CDLL(None, use_errno=True).syscall(number, KEYCTL_JOIN_SESSION_KEYRING, None)
 
 
+def _memory_cgroups() -> tuple[Path, str] | None:
+    """(the folder in which this process may make memory cgroups, the file that caps one), or None.
+
+    cgroup v1: the memory controller's folder of this process's cgroup. cgroup v2: its cgroup, if
+    that lets its children use the memory controller (v2 allows this only where no process sits
+    in the cgroup itself, or at the root: a container's, say). None where neither is writable (not
+    root, a read-only /sys/fs/cgroup, macOS): then only the per-process limits hold."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        version = 2 if controllers == "" else 1 if "memory" in controllers.split(",") else None
+        if version is None:
+            continue
+        for mount in mounts:  # "... mount-point ... - cgroup|cgroup2 source super-options"
+            fields, tail = mount.split(" - ", 1)
+            kind, _, options = tail.split(" ", 2)
+            if (kind, version) not in (("cgroup2", 2), ("cgroup", 1)):
+                continue
+            if version == 2 or "memory" in options.split(","):
+                folder = Path(fields.split()[4]) / path.lstrip("/")
+                if version == 1 and os.access(folder, os.W_OK):
+                    return folder, "memory.limit_in_bytes"
+                if version == 2 and _delegates_memory(folder):
+                    return folder, "memory.max"
+    return None
+
+
+def _delegates_memory(folder: Path) -> bool:
+    try:
+        if "memory" not in (folder / "cgroup.subtree_control").read_text().split():
+            (folder / "cgroup.subtree_control").write_text("+memory")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_cgroup(name: str, limit: int) -> Path | None:
+    """A new memory cgroup capped at ``limit`` bytes (swap included where v1 counts it), or None."""
+    found = _memory_cgroups()
+    if found is None:
+        return None
+    parent, cap = found
+    for stale in parent.glob("backprop-ninja-*-*"):  # a grader killed before it closed its box
+        owner = stale.name.split("-")[2]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            _remove_cgroup(stale)
+    folder = parent / f"backprop-ninja-{name}"
+    try:
+        folder.mkdir()
+        (folder / cap).write_text(str(limit))
+    except OSError:
+        _remove_cgroup(folder)
+        return None
+    try:  # v1 counts swap apart: without this a kernel over its cap would swap instead of stopping
+        (folder / "memory.memsw.limit_in_bytes").write_text(str(limit))
+    except OSError:
+        pass
+    return folder
+
+
+def _remove_cgroup(folder: Path) -> None:
+    """Kill whatever still runs in the cgroup, then remove it (once its processes are gone)."""
+    for _ in range(100):
+        try:
+            pids = [int(p) for p in (folder / "cgroup.procs").read_text().split()]
+        except (OSError, ValueError):
+            pids = []
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            folder.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:  # busy until the killed processes are reaped
+            time.sleep(0.02)
+
+
 # sun_path of a Unix socket is 108 bytes on Linux, one of them the terminating NUL.
 SOCKET_PATH_MAX = 107
 
@@ -209,6 +302,14 @@ class Box:
             os.chmod(d, 0o755)
         if self.isolate and self.root_mode:
             os.chown(self.runtime, self.uid, self.uid)  # the kernel binds its sockets here
+        # named after this process: a later box removes it if this process dies before closing it
+        self.cgroup = (_memory_cgroup(f"{os.getpid()}-{secrets.token_hex(4)}", limits.memory)
+                       if self.isolate else None)
+
+    def close(self) -> None:
+        """After the kernel: kill anything of it still running, and remove its memory cgroup."""
+        if self.cgroup is not None:
+            _remove_cgroup(self.cgroup)
 
     def socket_base(self) -> str:
         """Where the kernel binds its ZeroMQ ipc sockets (``<this>-<port>``), checked to fit."""
@@ -227,7 +328,7 @@ class Box:
     def kernel_argv(self) -> list[str]:
         """A kernelspec argv: this module's launcher, then the connection file."""
         spec = {"root": str(self.root), "limits": asdict(self.limits), "isolate": self.isolate,
-                "uid": self.uid, "env": self.env}
+                "uid": self.uid, "env": self.env, "cgroup": str(self.cgroup) if self.cgroup else None}
         return [sys.executable, "-m", "backprop_ninja.grading.sandbox", json.dumps(spec),
                 "{connection_file}"]
 
@@ -370,6 +471,8 @@ def main(argv: list[str] | None = None) -> None:
     os.dup2(log, 2)
     _set_limits(spec["limits"], uid_limit=spec["uid_switch"])
     _own_session_keyring()
+    if spec.get("cgroup"):  # the box and everything it starts are charged to the box's cgroup
+        (Path(spec["cgroup"]) / "cgroup.procs").write_text(str(os.getpid()))
     if spec["isolate"]:
         cmd = _bwrap_argv(spec, str(copy), kernel)
         os.execv(cmd[0], cmd)

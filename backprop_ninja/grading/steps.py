@@ -204,7 +204,10 @@ class SandboxedExecute(Execute):
             resources.setdefault(META, {}).update(
                 session=self._session,
                 sandbox="on" if self._box.isolate else f"off: {probe() or 'not asked for'}")
-            return super().preprocess(nb, resources, km)
+            try:
+                return super().preprocess(nb, resources, km)
+            finally:
+                self._box.close()
 
     def create_kernel_manager(self):
         self.km = BoxedKernelManager(config=self.config, transport="ipc",
