@@ -135,6 +135,8 @@ def test_it_sees_no_course_source_no_other_job_and_no_grader_code(kernel, tmp_pa
     seen = kernel.value(f"[n for d in ({str(package)!r}, {str(package / '__pycache__')!r}) "
                         "for n in __import__('os').listdir(d)]")
     assert "model.py" in seen and not [n for n in seen if n.startswith(("reference", "grading"))]
+    # nor any box's cgroup (every box's memory use and processes, live)
+    assert kernel.value("__import__('os').listdir('/sys/fs/cgroup')") == []
     status, _, _ = kernel.run("import torch, backprop_ninja.model, backprop_ninja.handin")
     assert status == "ok"  # what a learner's notebook needs is there
 

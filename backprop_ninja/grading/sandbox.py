@@ -114,8 +114,11 @@ def _namespaces() -> list[str]:
 
 
 def _system_binds() -> list[str]:
-    """/usr and /etc read-only, the top-level links of a merged-/usr system, /proc, /dev."""
+    """/usr and /etc read-only, the top-level links of a merged-/usr system, /proc, /dev, and /sys without
+    its cgroups (there every box's memory use and processes could be read by every other box)."""
     args = ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc", "--ro-bind-try", "/sys", "/sys"]
+    if os.path.isdir("/sys/fs/cgroup"):
+        args += ["--tmpfs", "/sys/fs/cgroup"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
             args += ["--symlink", os.readlink(top), top]
