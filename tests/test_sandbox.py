@@ -156,6 +156,16 @@ def test_it_cannot_reach_the_graders_keys(kernel):
     assert found == -1  # KEYCTL_SEARCH of its session keyring: the grader's key is not there
 
 
+def test_it_cannot_make_a_key_for_another_box(kernel):
+    machine = platform.machine()
+    if machine not in sandbox.SECCOMP:
+        pytest.skip(f"no seccomp filter is written for {machine}")
+    add_key = f"{ADD_KEY_SYSCALL[machine]}, b'user', b'from-a-box', b'x', 1, {KEY_SPEC_SESSION_KEYRING}"
+    made = kernel.value(f"(lambda c: (c.CDLL(None, use_errno=True).syscall({add_key}), c.get_errno()))"
+                        "(__import__('ctypes'))")
+    assert made == (-1, 1)  # add_key: EPERM, refused by the box's seccomp filter
+
+
 def test_it_has_no_network(kernel):
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

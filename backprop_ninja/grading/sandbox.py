@@ -17,8 +17,11 @@ bubblewrap sandbox (``bwrap``, a Debian package):
 - limits inherited by everything it starts: address space, CPU seconds, processes
   (root only: the count is per uid), file size, no core dumps; plus the wall-clock
   limit of the job that runs it;
-- a session keyring of its own: the kernel keyring the grader may hold (a systemd service
-  or a login session has one) is neither readable nor writable from the box;
+- no kernel keyring: keys are not namespaced, so the grader's session keys (a systemd service
+  or a login session has some) would be the box's to read, and one box could leave a key for
+  another. A seccomp filter refuses the keyring's system calls (and any other machine's system
+  call ABI, such as 32-bit calls from a 64-bit process); the kernel also starts in a session
+  keyring of its own, in case the filter is unknown for this machine;
 - where the grader may make one (root, cgroup v1 or a v2 that delegates memory), a memory
   cgroup of its own: the kernel and everything it starts share ``memory`` bytes, shared
   memory and in-memory files included, which the per-process address-space limit does not
@@ -39,6 +42,7 @@ the grader, outside the box) sets the limits, points the kernel's output at
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import json
 import os
@@ -48,6 +52,7 @@ import secrets
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -282,6 +287,29 @@ def _remove_cgroup(folder: Path) -> None:
             time.sleep(0.02)
 
 
+# The seccomp filter, by machine: its system call ABI (AUDIT_ARCH_*) and the keyring's calls there
+# (add_key, request_key, keyctl). A classic BPF program of eleven instructions, written out here: the
+# libseccomp bindings are not installable from PyPI, and this one rule needs no more.
+SECCOMP = {"x86_64": (0xC000003E, (248, 249, 250)), "aarch64": (0xC00000B7, (217, 218, 219))}
+X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 ABI: the same calls under other numbers
+
+
+def _seccomp_filter() -> bytes | None:
+    """The filter bwrap loads (``--seccomp FD``): struct sock_filter {u16 code; u8 jt, jf; u32 k}[]."""
+    if platform.machine() not in SECCOMP:
+        return None
+    arch, (add_key, request_key, keyctl) = SECCOMP[platform.machine()]
+    load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    refuse, allow = 0x00050000 | errno.EPERM, 0x7FFF0000  # SECCOMP_RET_ERRNO | EPERM, SECCOMP_RET_ALLOW
+    program = [(load, 0, 0, 4),                # seccomp_data.arch
+               (jeq, 1, 0, arch), (ret, 0, 0, refuse),
+               (load, 0, 0, 0),                # seccomp_data.nr
+               (jge, 0, 1, X32_SYSCALL_BIT), (ret, 0, 0, refuse),
+               (jeq, 3, 0, add_key), (jeq, 2, 0, request_key), (jeq, 1, 0, keyctl),
+               (ret, 0, 0, allow), (ret, 0, 0, refuse)]
+    return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
+
+
 # sun_path of a Unix socket is 108 bytes on Linux, one of them the terminating NUL.
 SOCKET_PATH_MAX = 107
 
@@ -433,7 +461,7 @@ def _font_cache() -> list[str]:
     return [*args, "--ro-bind", str(fonts), f"{MPL_DIR}/{fonts.name}"] if fonts else args
 
 
-def _bwrap_argv(spec: dict, connection: str, kernel: list[str]) -> list[str]:
+def _bwrap_argv(spec: dict, connection: str, kernel: list[str], seccomp_fd: int | None = None) -> list[str]:
     root, limits, uid = Path(spec["root"]), spec["limits"], spec["uid"]
     package = _package_dir()
     home_size = str(limits["home_bytes"])
@@ -448,6 +476,8 @@ def _bwrap_argv(spec: dict, connection: str, kernel: list[str]) -> list[str]:
             *_parents(HANDIN + "/in"), "--ro-bind", str(root / "in"), HANDIN + "/in",
             "--bind", str(root / "out"), HANDIN + "/out",
             "--chdir", HOME, "--clearenv"]
+    if seccomp_fd is not None:
+        args += ["--seccomp", str(seccomp_fd)]
     for key, value in _kernel_env(spec, HANDIN, HOME).items():
         args += ["--setenv", key, value]
     args.append("--")
@@ -477,7 +507,12 @@ def main(argv: list[str] | None = None) -> None:
     if spec.get("cgroup"):  # the box and everything it starts are charged to the box's cgroup
         (Path(spec["cgroup"]) / "cgroup.procs").write_text(str(os.getpid()))
     if spec["isolate"]:
-        cmd = _bwrap_argv(spec, str(copy), kernel)
+        program, seccomp_fd = _seccomp_filter(), None
+        if program is not None:  # bwrap reads it from a file descriptor it inherits
+            seccomp_fd = os.memfd_create("seccomp")
+            os.pwrite(seccomp_fd, program, 0)
+            os.set_inheritable(seccomp_fd, True)
+        cmd = _bwrap_argv(spec, str(copy), kernel, seccomp_fd)
         os.execv(cmd[0], cmd)
     os.chdir(root)
     env = {**os.environ, **_kernel_env(spec, str(root), str(root / "home"))}
