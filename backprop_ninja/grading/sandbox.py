@@ -288,8 +288,9 @@ def _remove_cgroup(folder: Path) -> None:
 
 
 # The seccomp filter, by machine: its system call ABI (AUDIT_ARCH_*) and the keyring's calls there
-# (add_key, request_key, keyctl). A classic BPF program of eleven instructions, written out here: the
-# libseccomp bindings are not installable from PyPI, and this one rule needs no more.
+# (add_key, request_key, keyctl). A classic BPF program of eleven instructions, written out here:
+# libseccomp's own Python bindings are not on PyPI (pyseccomp, a ctypes wrapper of them, was last released
+# in January 2021), and this one rule needs no more.
 SECCOMP = {"x86_64": (0xC000003E, (248, 249, 250)), "aarch64": (0xC00000B7, (217, 218, 219))}
 X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 ABI: the same calls under other numbers
 
