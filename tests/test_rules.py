@@ -142,6 +142,8 @@ HOSTILE = {
         "torch.optim.SGD([W1], lr=1.0).step()",
         "x = torch.tensor(1.0, **{'requires_' + 'grad': True})",
         "class T(torch.distributions.dirichlet.Function):\n    pass",
+        "torch.distributions.ExponentialFamily.entropy(d)",
+        "P = torch.nn.UninitializedParameter.cls_to_become",
     ],
     "process, file or introspection": [
         "import os",
@@ -244,6 +246,17 @@ HOSTILE = {
         "name = '_' + '_import_' + '_'",
         "d = z.view(torch.float64)",
         "d = np.frombuffer(z.tobytes())",
+        "class T(torch.Tensor):\n    def pow(self, e):\n        return self",
+        "t = x.as_subclass(T)",
+        "fmt = str.format\ns = fmt('{0.%s}' % 'grad', x)",
+        "plt.rcParams['animation.ffmpeg_path'] = '/bin/sh'",
+        "plt.rcParams.update({'figure.hooks': ['os:system']})",
+        "plt.style.use('/etc/hostname')",
+        "matplotlib.rc_params_from_file('/etc/hostname')",
+        "fig.canvas.print_png('x.png')",
+        "plt.switch_backend('module://matplotlib.animation')",
+        "matplotlib.font_manager.findSystemFonts()",
+        "torch.nn.modules.module.register_module_forward_hook(h)",
     ],
     "course internals": [
         "model.autograd_reference(params, Xb, Yb)",
@@ -320,6 +333,9 @@ HOSTILE = {
         "a.view('c' + '16')",
         "torch.view_as_real_copy(z)",
         "np.real_if_close(z)",
+        "np.polynomial.polynomial.polyroots([1.0, 0.0, 1.0])",
+        "np.ones(3, np.typecodes['Complex'][1])",
+        "np.mintypecode('Fd')",
         "z.is_complex()",
     ],
 }
@@ -416,6 +432,10 @@ HONEST = [
     "x = dh.view(n, -1) + dh.view(emb.shape[0], -1) + dh.view(-1)",
     "print('{:.3f} {}'.format(1.0, 'a' + 'b'))",
     "x = np.zeros(3, 'f')",
+    "plt.rcParams['figure.figsize'] = (8, 4)\nplt.rcParams.update({'font.size': 12, 'axes.grid': True})",
+    "plt.style.use('ggplot')\nwith plt.style.context('seaborn-v0_8'):\n"
+    "    fig, ax = plt.subplots()\n    ax.plot([1, 2])",
+    "class Err(Exception):\n    pass\n\n\nclass Sub(Err):\n    pass",
 ]
 
 
@@ -523,8 +543,9 @@ def _forbidden():
 def test_no_unflagged_attribute_chain_reaches_the_forbidden():
     """Follow every attribute an answer cell may name (those no rule flags) from what it may import, four
     links deep, through modules, classes and tensors: none may lead to builtins, a process or file
-    module, or autograd. Libraries re-export modules under new names (enum's `bltns` is builtins,
-    matplotlib's `Path` is pathlib's), so this walks the libraries installed, not a list."""
+    module, or autograd, nor to a function whose own code calls autograd (torch.distributions'
+    entropy differentiates what it is given). Libraries re-export modules under new names (enum's
+    `bltns` is builtins, matplotlib's `Path` is pathlib's), so this walks the libraries installed."""
     import collections
     import dataclasses
     import inspect
@@ -551,6 +572,10 @@ def test_no_unflagged_attribute_chain_reaches_the_forbidden():
         value, path, depth = todo.popleft()
         if id(value) in forbidden and depth:
             reached.setdefault(forbidden[id(value)], path)
+        code = getattr(getattr(value, "__func__", value), "__code__", None)
+        if isinstance(code, types.CodeType) and "autograd" in code.co_names and (
+                {"grad", "backward"} & set(code.co_names)):
+            reached.setdefault(f"{code.co_name}, which calls autograd", path)
         if id(value) in seen or depth == 4:
             continue
         seen.add(id(value))

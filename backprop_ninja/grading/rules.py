@@ -48,15 +48,18 @@ AUTOGRAD_NAMES = {"autograd", "func", "forward_ad", "functional_call", "jacrev",
                   "linearize", "make_dual", "unpack_dual", "dual_level", "register_hook",
                   "ops", "library", "jit", "compile", "compiler", "fx", "export", "overrides", "utils",
                   "CompilationUnit", "import_ir_module", "import_ir_module_from_buffer",
-                  "optim", "Parameter", "Function"}  # read .grad, make leaves that record, define a backward
-AUTOGRAD_PATTERN = re.compile(r"grad(?!e|ing)|backward|jacobian|hessian|jvp|vjp", re.IGNORECASE)
+                  "optim", "Function", "cls_to_become",  # read .grad, define a backward, make a Parameter
+                  "distributions",  # entropy and kl_divergence call torch.autograd.grad on what they hold
+                  "make_graphed_callables"}  # calls torch.autograd.grad on the callables it is given
+AUTOGRAD_PATTERN = re.compile(r"(?i:grad(?!e|ing)|backward|jacobian|hessian|jvp|vjp)|Parameter")
 NOT_AUTOGRAD = {"no_grad"}  # it can only switch autograd off
 
 # -- complex numbers: complex-step needs a complex value in, and its imaginary part out.
 COMPLEX_NAMES = {"cfloat", "cdouble", "chalf", "csingle", "clongdouble", "polar",
                  "conj", "conj_physical", "resolve_conj", "angle",
                  "fft", "stft", "istft", "eig", "eigvals", "emath", "roots"}  # these make complex values too
-COMPLEX_PARTS = re.compile(r"(?:^|_)(?:real|imag)(?:_|$)")  # .real, view_as_real_copy, np.real_if_close ...
+COMPLEX_PARTS = re.compile(r"(?:^|_)(?:real|imag)(?:_|$)|roots|typecode|sctype")  # np.real_if_close,
+# polyroots, np.typecodes["Complex"], np.mintypecode, np.sctypeDict: complex values or their dtype codes
 # numpy's complex dtypes by string: "complex64", "D", "c16", "cdouble" ...
 COMPLEX_DTYPE = re.compile(r"(?i:complex)"
                            r"|^[<>=|]?(?:[FDG]|c(?:8|16|32)|c(?:float|double|single|longdouble|half))$")
@@ -92,7 +95,20 @@ FILES = {"load", "save", "savez", "savez_compressed", "fromfile", "tofile", "fro
          "ctypeslib", "lib", "f2py", "distutils", "distributed", "hub", "backends", "package", "classes",
          "serialization", "storage", "untyped_storage", "data_ptr", "set_", "onnx", "profiler",
          "get_file_path", "PyTorchFileReader", "PyTorchFileWriter", "rc_file", "cbook",
-         "Path", "PurePath", "PosixPath", "frombuffer", "tobytes", "tostring"}  # matplotlib.Path is pathlib's
+         "Path", "PurePath", "PosixPath", "frombuffer", "tobytes", "tostring",  # matplotlib.Path is pathlib's
+         # matplotlib's settings name files and programs (animation.ffmpeg_path runs any program), its
+         # canvas and image modules write files, its font and TeX modules run fc-list, latex, kpsewhich
+         "rcParams", "rc", "rc_context", "rcdefaults", "rc_params_from_file", "style", "use",
+         "switch_backend",
+         "animation", "image", "canvas", "print_figure", "thumbnail", "font_manager", "texmanager", "dviread",
+         "ft2font", "sphinxext", "as_subclass"}  # as_subclass: library code then calls the learner's methods
+# matplotlib settings a plot may change (rcParams["figure.figsize"] = ..., rcParams.update({...})), and a
+# style by its name (plt.style.use("ggplot")): other settings and style files name files and programs.
+SAFE_SETTINGS = re.compile(r"(figure\.(figsize|dpi|facecolor)|font\.(size|family)|"
+                           r"image\.(cmap|interpolation)|"
+                           r"(axes|lines|xtick|ytick|legend|grid|scatter|patch|errorbar)\.[\w.]+|hist\.bins)$")
+STYLE_NAME = re.compile(r"[\w-]+$")
+
 # Allowed modules' tools that turn a string into an attribute lookup or code (string.Formatter fetches
 # "{0.backward}", functools.update_wrapper copies named attributes, get_type_hints evals annotations,
 # np.testing.runstring execs and its extbuild compiles C).
@@ -216,9 +232,14 @@ def _attribute_rule(name):
     if name in COMPLEX_NAMES or "complex" in name.lower() or COMPLEX_PARTS.search(name):
         return COMPLEX
     if (name in MODULES or name in FILES or name in STRING_DOORS or name in BUILTINS
-            or name.startswith(FRAME_PREFIXES)):
+            or name.startswith(FRAME_PREFIXES) or name.startswith("print_") or "hook" in name.lower()):
+        # canvas.print_png writes files; a module hook patches every module of the process
         return PROCESS
     return None
+
+
+def _last_name(node):
+    return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
 
 
 def _is_dtype(node):
@@ -337,6 +358,7 @@ class _Check:
         self.allowed = set(allowed_imports)
         self.modules = MODULE_ALIASES | set(self.course) | {m for n in imports for m in _import_binds(n)}
         self.found = {}
+        self.harmless = {}  # id of an attribute chain -> its links used only in the harmless ways above
         # Top-level statements run in order: a name the cell has certainly bound is its own from then on.
         # Inside a def it never is (the def may be called after the name is rebound), unless local there.
         own = set()
@@ -397,6 +419,9 @@ class _Check:
                 rule = None if _private(name) else _attribute_rule(name)  # private ones are flagged anyway
                 if rule:
                     self.flag(rule, f".{name}", stmt.lineno)
+        for base in node.bases:  # a library's class: the library would call the learner's methods
+            if not (isinstance(base, ast.Name) and base.id not in self.modules):
+                self.flag(PROCESS, f"class {node.name}(a library's class)", line)
         # a class body looks names up in itself, then in the globals: its own bindings prove nothing
         body = _Scope(scope.own, "class", scope.in_def)
         outside = node.decorator_list + node.bases + node.keywords
@@ -441,11 +466,16 @@ class _Check:
         if is_course and not safe:
             self.flag(COURSE, f"{root.id}.{chain[0]}", line, node.col_offset)
         seen = set()
+        harmless = self.harmless.get(id(node), ())
         for k, attr in enumerate(chain[1:] if safe else chain, start=int(safe)):
-            rule = _attribute_rule(attr)
+            rule = None if attr in harmless else _attribute_rule(attr)
             if rule and rule not in seen:
                 seen.add(rule)
                 self.flag(rule, show(k), line, node.col_offset)
+        if chain[-1] in ("format", "format_map") and _text(node.value) is None:
+            # str.format of a string made at run time (or str.format itself, passed around): its fields
+            # look attributes up by name, unchecked here
+            self.flag(PROCESS, f".{chain[-1]} of a string built at run time", line, node.col_offset)
         # a course root's bare use is judged here, with its attribute
         children = [] if is_course else [(root, scope)]
         if not _loads(node):  # x.attr = ..., del x.attr: patching an object
@@ -473,6 +503,11 @@ class _Check:
         return []
 
     visit_ImportFrom = visit_Import
+
+    def visit_Subscript(self, node, scope, line):
+        if _last_name(node.value) == "rcParams" and SAFE_SETTINGS.match(_text(node.slice) or ""):
+            self.harmless[id(node.value)] = {"rcParams"}
+        return [(c, scope) for c in ast.iter_child_nodes(node)]
 
     def visit_keyword(self, node, scope, line):
         if node.arg:
@@ -547,6 +582,14 @@ class _Check:
                     isinstance(a, ast.Starred) for a in node.args)):
                 self.flag(PROCESS, "type(name, bases, dict)", line)  # a class from strings, dunders included
         name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        if isinstance(func, ast.Attribute) and len(node.args) == 1 and not node.keywords:
+            arg, owner = node.args[0], func.value
+            if (name == "update" and _last_name(owner) == "rcParams" and isinstance(arg, ast.Dict)
+                    and all(SAFE_SETTINGS.match(_text(k) or "") for k in arg.keys)):
+                self.harmless[id(func)] = {"rcParams"}
+            elif (name in ("use", "context") and _last_name(owner) == "style"
+                  and STYLE_NAME.match(_text(arg) or "")):
+                self.harmless[id(func)] = {"style", name}
         if name in DTYPE_CALLS:
             for text in filter(None, map(_text, node.args)):
                 if COMPLEX_DTYPE.search(text):
@@ -556,9 +599,6 @@ class _Check:
         if isinstance(func, ast.Attribute):
             if name == "view" and any(map(_is_dtype, node.args)):  # a tensor's bytes read as another type
                 self.flag(PROCESS, ".view(dtype)", line)
-            if name in ("format", "format_map") and _text(func.value) is None:
-                # a format string made at run time: its fields look attributes up by name, unchecked here
-                self.flag(PROCESS, f".{name}() of a string built at run time", line)
         return children
 
     def ipython_escape(self, node):
