@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load, save
+from torch.overrides import TorchFunctionMode
 
 from backprop_ninja import accepted, model
 
@@ -80,9 +81,29 @@ def _error(exc: BaseException, fn) -> tuple[dict, dict]:
     return tensors, {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "where": where}
 
 
+class ComplexNotAllowed(RuntimeError):
+    """A graded function made a complex tensor."""
+
+
+class _RealOnly(TorchFunctionMode):
+    """Refuse any torch call that returns a complex tensor. Complex-step differentiation gives exact
+    derivatives from the forward code alone; the source rules flag complex literals and names, and this
+    catches a complex value made at run time (``(-1.0) ** 0.5`` in a variable). Answer cells cannot
+    leave the mode: torch.overrides, torch.utils and underscore names are flagged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.is_complex() for t in (out if isinstance(out, (tuple, list))
+                                                                        else (out,))):
+            raise ComplexNotAllowed(f"{getattr(func, '__name__', 'a torch call')} made a complex tensor: "
+                                    "complex numbers are not allowed in an answer (complex-step "
+                                    "differentiation would skip the derivation).")
+        return out
+
+
 def _call(fn, kwargs: dict) -> tuple[dict, dict]:
     sink = io.StringIO()  # the learner's prints stay out of the test cell
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), _RealOnly():
         try:
             result = fn(**accepted(fn, kwargs))
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - a learner's bug is reported, not raised

@@ -141,6 +141,26 @@ def test_finite_differences_do_not_pass(tmp_path):
     assert verdict.score == 0 and "dlogits is wrong" in verdict.text, verdict.text
 
 
+def test_complex_step_made_at_run_time_does_not_pass(tmp_path):
+    """Complex-step differentiation gives exact derivatives from the forward code alone. The source rules
+    flag complex literals and names; a complex value made at run time (a variable's power) is refused by
+    the graded call itself, whatever the function then does with the error."""
+
+    def complex_step(*, logits, Yb, **_):
+        root = (-1.0) ** 0.5  # (6e-17+1j)
+        i, h, n = root - root.real, 1e-30, logits.shape[0]
+        grad, shifted = torch.zeros_like(logits), logits - logits.max(1, keepdim=True).values
+        for c in range(logits.shape[1]):
+            column = torch.nn.functional.one_hot(torch.full_like(Yb, c), logits.shape[1]).to(logits)
+            z = shifted + h * i * column
+            rows = torch.log(torch.exp(z).sum(1)) - z[range(n), Yb]
+            grad[:, c] = (rows * -i).to(logits.dtype) / h / n
+        return grad
+
+    verdict = judged(tmp_path, "test_cross_entropy_backward", complex_step)
+    assert verdict.score == 0 and "complex" in verdict.text, verdict.text
+
+
 def test_answers_kept_from_other_inputs_do_not_pass(tmp_path):
     """The inputs come from a seed drawn when grading starts: a table built on other inputs fails."""
     table = {}
