@@ -42,8 +42,9 @@ def _box() -> Path:
 
 
 def _plain(value) -> torch.Tensor | None:
-    """A dense, contiguous copy with storage of its own (a later call cannot change it)."""
-    if not isinstance(value, torch.Tensor):
+    """A dense, contiguous copy with storage of its own (a later call cannot change it); None for
+    anything but a plain tensor (a subclass's methods are the learner's code, run after the guard)."""
+    if type(value) is not torch.Tensor:
         return None
     try:
         return value.detach().as_subclass(torch.Tensor).to_dense().clone().contiguous()
@@ -53,7 +54,7 @@ def _plain(value) -> torch.Tensor | None:
 
 def _pack(result) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors by name, note): a dict's tensor values, or a lone tensor as "result"."""
-    if isinstance(result, dict):
+    if type(result) is dict:  # exactly: a subclass's items() would be the learner's code
         items, note = result.items(), {"returned": "dict"}
     else:
         items, note = [("result", result)], {"returned": type(result).__name__}
@@ -81,8 +82,16 @@ def _error(exc: BaseException, fn) -> tuple[dict, dict]:
     return tensors, {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "where": where}
 
 
-class ComplexNotAllowed(RuntimeError):
+class NotAllowed(RuntimeError):
+    """A graded function did what the graded call refuses."""
+
+
+class ComplexNotAllowed(NotAllowed):
     """A graded function made a complex tensor."""
+
+
+# Tensor methods that call a Python function from inside a torch call, where this mode is off.
+CALLBACKS = {"apply_", "map_", "map2_"}
 
 
 class _RealOnly(TorchFunctionMode):
@@ -92,13 +101,31 @@ class _RealOnly(TorchFunctionMode):
     leave the mode: torch.overrides, torch.utils and underscore names are flagged."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if any(isinstance(t, torch.Tensor) and t.is_complex() for t in (out if isinstance(out, (tuple, list))
-                                                                        else (out,))):
-            raise ComplexNotAllowed(f"{getattr(func, '__name__', 'a torch call')} made a complex tensor: "
-                                    "complex numbers are not allowed in an answer (complex-step "
-                                    "differentiation would skip the derivation).")
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in CALLBACKS:
+            raise NotAllowed(f"{func.__name__} runs a Python function inside a torch call, out of the graded "
+                             "call's checks: write the arithmetic on whole tensors instead.")
+        if _complex(args) or _complex(kwargs.values()):  # before the call: an out= or in-place write
+            self._refuse(func, "was given")
+        out = func(*args, **kwargs)
+        if _complex(out if isinstance(out, (tuple, list)) else (out,)):
+            self._refuse(func, "made")
         return out
+
+    @staticmethod
+    def _refuse(func, did: str):
+        raise ComplexNotAllowed(f"{getattr(func, '__name__', 'a torch call')} {did} a complex value: complex "
+                                "numbers are not allowed in an answer (complex-step differentiation would "
+                                "skip the derivation).")
+
+
+def _complex(values) -> bool:
+    """A complex tensor or number among ``values``, or one level down in a list or tuple."""
+    for value in values:
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, complex) or (isinstance(v, torch.Tensor) and v.is_complex()):
+                return True
+    return False
 
 
 def _call(fn, kwargs: dict) -> tuple[dict, dict]:

@@ -107,10 +107,18 @@ def test_not_a_tensor_is_refused_with_the_reason(tmp_path):
     assert verdict.score == 0 and "got list" in verdict.text, verdict.text
 
 
-def test_a_tensor_that_lies_to_comparisons_is_judged_by_its_numbers(tmp_path):
+def test_a_tensor_subclass_is_refused_not_run(tmp_path):
+    """A subclass's methods are the learner's code: one that lies to comparisons, or whose detach() computes
+    the answer after the graded call, is refused as not a plain tensor (and never called)."""
+    calls = []
+
     class Liar(torch.Tensor):
         def __eq__(self, other):
             return True
+
+        def detach(self):
+            calls.append("detach")
+            return super().detach()
 
         @classmethod
         def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -119,7 +127,17 @@ def test_a_tensor_that_lies_to_comparisons_is_judged_by_its_numbers(tmp_path):
             return super().__torch_function__(func, types, args, kwargs or {})
 
     verdict = judged(tmp_path, "test_batchnorm_backward", lambda *, dhpreact, **_: dhpreact.as_subclass(Liar))
-    assert verdict.score == 0 and "dhprebn is wrong" in verdict.text, verdict.text
+    assert verdict.score == 0 and "must return dhprebn as a tensor, got Liar" in verdict.text, verdict.text
+    assert calls == []
+
+
+def test_a_dict_subclass_is_refused_not_run(tmp_path):
+    class Lazy(dict):
+        def items(self):
+            raise AssertionError("the grader called the learner's items()")
+
+    verdict = judged(tmp_path, "test_cross_entropy_backward", lambda *, logits, **_: Lazy(dlogits=logits))
+    assert verdict.score == 0, verdict.text
 
 
 def test_finite_differences_do_not_pass(tmp_path):
@@ -159,6 +177,25 @@ def test_complex_step_made_at_run_time_does_not_pass(tmp_path):
 
     verdict = judged(tmp_path, "test_cross_entropy_backward", complex_step)
     assert verdict.score == 0 and "complex" in verdict.text, verdict.text
+
+
+def test_a_complex_tensor_made_before_the_call_and_a_python_callback_are_refused(tmp_path):
+    """The guard looks at what a torch call is given too (a complex buffer made at the cell's top level,
+    written through out=), and refuses the Tensor methods that run Python inside a torch call."""
+    buffer = torch.zeros(3, dtype=torch.complex128)
+
+    def with_buffer(*, logits, **_):
+        torch.exp(buffer, out=buffer)
+        return logits
+
+    def with_callback(*, logits, **_):
+        torch.zeros(1).apply_(lambda v: v)
+        return logits
+
+    verdict = judged(tmp_path, "test_cross_entropy_backward", with_buffer)
+    assert verdict.score == 0 and "exp was given a complex value" in verdict.text, verdict.text
+    verdict = judged(tmp_path, "test_cross_entropy_backward", with_callback)
+    assert verdict.score == 0 and "apply_ runs a Python function" in verdict.text, verdict.text
 
 
 def test_answers_kept_from_other_inputs_do_not_pass(tmp_path):

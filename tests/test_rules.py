@@ -257,6 +257,18 @@ HOSTILE = {
         "plt.switch_backend('module://matplotlib.animation')",
         "matplotlib.font_manager.findSystemFonts()",
         "torch.nn.modules.module.register_module_forward_hook(h)",
+        "M = type(int)",
+        "C = type(x)('C', (), {})",
+        "C = dataclasses.dataclass(init=False)(M)",
+        "B = torch.Tensor\nclass Lazy(B):\n    pass",
+        "class Lazy(dict):\n    def items(self):\n        return []",
+        "class X(metaclass=M):\n    pass",
+        "f = plt.matplotlib.ticker.StrMethodFormatter(spec)",
+        "ax.xaxis.set_major_formatter(spec)",
+        "matplotlib.mathtext.math_to_image('$x$', 'x.svg')",
+        "plt.style.use('mystyle')",
+        "plt.figure().text(0.5, 0.5, 'x', usetex=True)",
+        "torch.zeros(1).apply_(f)",
     ],
     "course internals": [
         "model.autograd_reference(params, Xb, Yb)",
@@ -336,6 +348,7 @@ HOSTILE = {
         "np.polynomial.polynomial.polyroots([1.0, 0.0, 1.0])",
         "np.ones(3, np.typecodes['Complex'][1])",
         "np.mintypecode('Fd')",
+        "unit = (r - r.conjugate()) / 2",
         "z.is_complex()",
     ],
 }
@@ -436,6 +449,9 @@ HONEST = [
     "plt.style.use('ggplot')\nwith plt.style.context('seaborn-v0_8'):\n"
     "    fig, ax = plt.subplots()\n    ax.plot([1, 2])",
     "class Err(Exception):\n    pass\n\n\nclass Sub(Err):\n    pass",
+    "print(type(dh), isinstance(dh, type(dlogits)))",
+    "from dataclasses import dataclass\n\n\n@dataclass\nclass Step:\n    loss: float = 0.0",
+    "plt.style.use('seaborn-v0_8-whitegrid')",
 ]
 
 

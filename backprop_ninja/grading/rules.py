@@ -56,7 +56,7 @@ NOT_AUTOGRAD = {"no_grad"}  # it can only switch autograd off
 
 # -- complex numbers: complex-step needs a complex value in, and its imaginary part out.
 COMPLEX_NAMES = {"cfloat", "cdouble", "chalf", "csingle", "clongdouble", "polar",
-                 "conj", "conj_physical", "resolve_conj", "angle",
+                 "conj", "conj_physical", "resolve_conj", "conjugate", "angle",
                  "fft", "stft", "istft", "eig", "eigvals", "emath", "roots"}  # these make complex values too
 COMPLEX_PARTS = re.compile(r"(?:^|_)(?:real|imag)(?:_|$)|roots|typecode|sctype")  # np.real_if_close,
 # polyroots, np.typecodes["Complex"], np.mintypecode, np.sctypeDict: complex values or their dtype codes
@@ -101,20 +101,32 @@ FILES = {"load", "save", "savez", "savez_compressed", "fromfile", "tofile", "fro
          "rcParams", "rc", "rc_context", "rcdefaults", "rc_params_from_file", "style", "use",
          "switch_backend",
          "animation", "image", "canvas", "print_figure", "thumbnail", "font_manager", "texmanager", "dviread",
-         "ft2font", "sphinxext", "as_subclass"}  # as_subclass: library code then calls the learner's methods
+         "ft2font", "sphinxext", "mathtext", "math_to_image", "usetex",
+         "as_subclass",  # library code then calls the learner's methods
+         "apply_", "map_", "map2_"}  # run a Python function from inside a torch call, where no guard is
 # matplotlib settings a plot may change (rcParams["figure.figsize"] = ..., rcParams.update({...})), and a
 # style by its name (plt.style.use("ggplot")): other settings and style files name files and programs.
 SAFE_SETTINGS = re.compile(r"(figure\.(figsize|dpi|facecolor)|font\.(size|family)|"
                            r"image\.(cmap|interpolation)|"
                            r"(axes|lines|xtick|ytick|legend|grid|scatter|patch|errorbar)\.[\w.]+|hist\.bins)$")
-STYLE_NAME = re.compile(r"[\w-]+$")
+# matplotlib's own styles (any other name is read as a file from the working folder)
+STYLES = {"default", "Solarize_Light2", "bmh", "classic", "dark_background", "fast", "fivethirtyeight",
+          "ggplot", "grayscale", "petroff10", "petroff6", "petroff8", "tableau-colorblind10", "seaborn-v0_8",
+          *(f"seaborn-v0_8-{k}" for k in ("bright", "colorblind", "dark", "dark-palette", "darkgrid", "deep",
+                                           "muted", "notebook", "paper", "pastel", "poster", "talk", "ticks",
+                                           "white", "whitegrid"))}
+# Builtin classes a learner's class may derive from (besides the cell's own): a library's class would
+# call the learner's methods from library code (a Tensor's detach, a dict's items).
+OWN_BASES = {"object", "Exception", "ValueError", "TypeError", "RuntimeError", "ArithmeticError"}
 
 # Allowed modules' tools that turn a string into an attribute lookup or code (string.Formatter fetches
 # "{0.backward}", functools.update_wrapper copies named attributes, get_type_hints evals annotations,
 # np.testing.runstring execs and its extbuild compiles C).
 STRING_DOORS = {"Formatter", "update_wrapper", "wraps", "singledispatch", "singledispatchmethod",
                 "get_type_hints", "make_dataclass", "attrgetter", "methodcaller", "setp", "getp",
-                "testing", "runstring", "rundocs", "extbuild"}
+                "testing", "runstring", "rundocs", "extbuild",
+                # matplotlib formats "{x.attr}" strings: StrMethodFormatter, and a string given as a formatter
+                "ticker", "StrMethodFormatter", "set_major_formatter", "set_minor_formatter", "bar_label"}
 FRAME_PREFIXES = ("f_", "gi_", "cr_", "ag_", "tb_", "co_")  # frames, code objects, tracebacks
 DUNDER = re.compile(r"__\w+__")
 
@@ -358,7 +370,16 @@ class _Check:
         self.allowed = set(allowed_imports)
         self.modules = MODULE_ALIASES | set(self.course) | {m for n in imports for m in _import_binds(n)}
         self.found = {}
+        self.decorated = set()
         self.harmless = {}  # id of an attribute chain -> its links used only in the harmless ways above
+        self.classes = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+        self.one_argument_type = set()  # ids of `type` names called as type(x)
+        for node in ast.walk(tree):  # dataclass only as a class statement's decorator
+            for decorator in getattr(node, "decorator_list", []) if isinstance(node, ast.ClassDef) else []:
+                target = decorator.func if isinstance(decorator, ast.Call) else decorator
+                if _last_name(target) == "dataclass":
+                    self.harmless[id(target)] = {"dataclass"}
+                    self.decorated.add(id(target))
         # Top-level statements run in order: a name the cell has certainly bound is its own from then on.
         # Inside a def it never is (the def may be called after the name is rebound), unless local there.
         own = set()
@@ -419,9 +440,11 @@ class _Check:
                 rule = None if _private(name) else _attribute_rule(name)  # private ones are flagged anyway
                 if rule:
                     self.flag(rule, f".{name}", stmt.lineno)
-        for base in node.bases:  # a library's class: the library would call the learner's methods
-            if not (isinstance(base, ast.Name) and base.id not in self.modules):
-                self.flag(PROCESS, f"class {node.name}(a library's class)", line)
+        for base in node.bases:  # only the cell's own classes and a few builtin ones
+            if not (isinstance(base, ast.Name) and base.id in self.classes | OWN_BASES):
+                self.flag(PROCESS, f"class {node.name}(a class not the cell's own)", line)
+        for keyword in node.keywords:  # metaclass=...
+            self.flag(PROCESS, f"class {node.name}({keyword.arg}=...)", line)
         # a class body looks names up in itself, then in the globals: its own bindings prove nothing
         body = _Scope(scope.own, "class", scope.in_def)
         outside = node.decorator_list + node.bases + node.keywords
@@ -444,6 +467,10 @@ class _Check:
         elif _loads(node) and name not in scope.own:
             if name in BUILTINS:
                 self.flag(PROCESS, f"{name}()", line, node.col_offset)
+            elif name == "type" and id(node) not in self.one_argument_type:
+                self.flag(PROCESS, "type kept or called (it makes classes)", line, node.col_offset)
+            elif name == "dataclass" and id(node) not in self.decorated:
+                self.flag(PROCESS, "dataclass (other than a class's decorator)", line, node.col_offset)
             elif name == "complex":
                 self.flag(COMPLEX, "complex()", line, node.col_offset)
             elif name in MODULES:
@@ -467,6 +494,9 @@ class _Check:
             self.flag(COURSE, f"{root.id}.{chain[0]}", line, node.col_offset)
         seen = set()
         harmless = self.harmless.get(id(node), ())
+        if chain[-1] == "dataclass" and id(node) not in self.decorated:
+            # called on a class made another way, it compiles the field names into code (exec)
+            self.flag(PROCESS, "dataclass (other than a class's decorator)", line, node.col_offset)
         for k, attr in enumerate(chain[1:] if safe else chain, start=int(safe)):
             rule = None if attr in harmless else _attribute_rule(attr)
             if rule and rule not in seen:
@@ -523,6 +553,8 @@ class _Check:
             self.flag(PROCESS, f"{name}=", line)
         elif AUTOGRAD_PATTERN.search(name):  # requires_grad=True
             self.flag(AUTOGRAD, f"{name}=", line)
+        elif name == "usetex":  # text drawn by running latex
+            self.flag(PROCESS, f"{name}=", line)
         elif name == "dtype" and COMPLEX_DTYPE.search(_text(value) or "_"):
             self.flag(COMPLEX, f"dtype={_text(value)!r}", line)
 
@@ -578,9 +610,10 @@ class _Check:
                 # a function's locals() is a copy of its own variables (collect_gradients(locals()));
                 # at the top level or in a class body it is the live namespace, and stays flagged
                 children = children[1:]
-            elif func.id == "type" and (len(node.args) > 1 or node.keywords or any(
-                    isinstance(a, ast.Starred) for a in node.args)):
-                self.flag(PROCESS, "type(name, bases, dict)", line)  # a class from strings, dunders included
+
+        self.allow_type(node.args)  # print(type(x)), isinstance(x, type(y))
+        if isinstance(func, ast.Call) and getattr(func.func, "id", None) == "type":
+            self.flag(PROCESS, "type(x)(...): a class made from x's", line)  # type(int)("C", (), {...})
         name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
         if isinstance(func, ast.Attribute) and len(node.args) == 1 and not node.keywords:
             arg, owner = node.args[0], func.value
@@ -588,7 +621,7 @@ class _Check:
                     and all(SAFE_SETTINGS.match(_text(k) or "") for k in arg.keys)):
                 self.harmless[id(func)] = {"rcParams"}
             elif (name in ("use", "context") and _last_name(owner) == "style"
-                  and STYLE_NAME.match(_text(arg) or "")):
+                  and _text(arg) in STYLES):
                 self.harmless[id(func)] = {"style", name}
         if name in DTYPE_CALLS:
             for text in filter(None, map(_text, node.args)):
@@ -600,6 +633,22 @@ class _Check:
             if name == "view" and any(map(_is_dtype, node.args)):  # a tensor's bytes read as another type
                 self.flag(PROCESS, ".view(dtype)", line)
         return children
+
+    def allow_type(self, nodes):
+        """type(x) read where its result is only looked at (an argument, a comparison, an f-string): kept
+        in a variable, it can be called to make classes, dunders and library bases included."""
+        for node in nodes:
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "type" and not node.keywords
+                    and len(node.args) == 1 and not isinstance(node.args[0], ast.Starred)):
+                self.one_argument_type.add(id(node.func))
+
+    def visit_Compare(self, node, scope, line):
+        self.allow_type([node.left, *node.comparators])
+        return [(c, scope) for c in ast.iter_child_nodes(node)]
+
+    def visit_FormattedValue(self, node, scope, line):
+        self.allow_type([node.value])
+        return [(c, scope) for c in ast.iter_child_nodes(node)]
 
     def ipython_escape(self, node):
         """For get_ipython().system/getoutput/run_*_magic(...): "" when allowed, else the escape as the
