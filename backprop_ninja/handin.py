@@ -95,9 +95,10 @@ CALLBACKS = {"apply_", "map_", "map2_"}
 
 
 class _RealOnly(TorchFunctionMode):
-    """Refuse any torch call that returns a complex tensor. Complex-step differentiation gives exact
-    derivatives from the forward code alone; the source rules flag complex literals and names, and this
-    catches a complex value made at run time (``(-1.0) ** 0.5`` in a variable). Answer cells cannot
+    """Refuse any torch call given or returning a complex value, and the Tensor methods that run Python
+    inside torch (the mode is off while they do). Complex-step differentiation gives exact derivatives from
+    the forward code alone; the source rules flag complex literals and names, and this catches a complex
+    value made at run time (``(-1.0) ** 0.5`` in a variable), or before the call. Answer cells cannot
     leave the mode: torch.overrides, torch.utils and underscore names are flagged."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
