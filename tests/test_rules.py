@@ -257,7 +257,10 @@ HOSTILE = {
         "plt.switch_backend('module://matplotlib.animation')",
         "matplotlib.font_manager.findSystemFonts()",
         "torch.nn.modules.module.register_module_forward_hook(h)",
-        "M = type(int)",
+        "@dataclasses.dataclass(init=False)\n@(lambda c: K)\nclass Z:\n    pass",
+        "from torch import Tensor\n\n\ndef unused():\n    class Tensor:\n        pass\n\n\n"
+        "class G(Tensor):\n    pass",
+        "from dataclasses import dataclass\n\n\n@dataclass(init=False)\n@(lambda c: K)\nclass Z:\n    pass",
         "C = type(x)('C', (), {})",
         "C = dataclasses.dataclass(init=False)(M)",
         "B = torch.Tensor\nclass Lazy(B):\n    pass",
@@ -452,6 +455,10 @@ HONEST = [
     "print(type(dh), isinstance(dh, type(dlogits)))",
     "from dataclasses import dataclass\n\n\n@dataclass\nclass Step:\n    loss: float = 0.0",
     "plt.style.use('seaborn-v0_8-whitegrid')",
+    "plt.style.use(style='ggplot')\nplt.rcParams['figure.autolayout'] = True",
+    "print([type(v) for v in grads.values()])\nassert type(grads) == dict, type(grads)\nM = type(grads)",
+    "@dataclasses.dataclass\nclass Config:\n    print_every: int = 100\n\n\nprint(Config().print_every)",
+    "class MyErr(KeyError):\n    pass",
 ]
 
 

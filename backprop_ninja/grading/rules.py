@@ -106,8 +106,9 @@ FILES = {"load", "save", "savez", "savez_compressed", "fromfile", "tofile", "fro
          "apply_", "map_", "map2_"}  # run a Python function from inside a torch call, where no guard is
 # matplotlib settings a plot may change (rcParams["figure.figsize"] = ..., rcParams.update({...})), and a
 # style by its name (plt.style.use("ggplot")): other settings and style files name files and programs.
-SAFE_SETTINGS = re.compile(r"(figure\.(figsize|dpi|facecolor)|font\.(size|family)|"
-                           r"image\.(cmap|interpolation)|"
+SAFE_SETTINGS = re.compile(r"(figure\.(figsize|dpi|facecolor|autolayout|titlesize|titleweight)|"
+                           r"font\.(size|family|weight|sans-serif|serif|monospace)|"
+                           r"image\.(cmap|interpolation|aspect|origin)|"
                            r"(axes|lines|xtick|ytick|legend|grid|scatter|patch|errorbar)\.[\w.]+|hist\.bins)$")
 # matplotlib's own styles (any other name is read as a file from the working folder)
 STYLES = {"default", "Solarize_Light2", "bmh", "classic", "dark_background", "fast", "fivethirtyeight",
@@ -117,7 +118,9 @@ STYLES = {"default", "Solarize_Light2", "bmh", "classic", "dark_background", "fa
                                            "white", "whitegrid"))}
 # Builtin classes a learner's class may derive from (besides the cell's own): a library's class would
 # call the learner's methods from library code (a Tensor's detach, a dict's items).
-OWN_BASES = {"object", "Exception", "ValueError", "TypeError", "RuntimeError", "ArithmeticError"}
+OWN_BASES = {"object", "Exception", "ValueError", "TypeError", "RuntimeError", "ArithmeticError",
+             "AssertionError", "KeyError", "IndexError", "LookupError", "NotImplementedError",
+             "ZeroDivisionError"}
 
 # Allowed modules' tools that turn a string into an attribute lookup or code (string.Formatter fetches
 # "{0.backward}", functools.update_wrapper copies named attributes, get_type_hints evals annotations,
@@ -244,8 +247,8 @@ def _attribute_rule(name):
     if name in COMPLEX_NAMES or "complex" in name.lower() or COMPLEX_PARTS.search(name):
         return COMPLEX
     if (name in MODULES or name in FILES or name in STRING_DOORS or name in BUILTINS
-            or name.startswith(FRAME_PREFIXES) or name.startswith("print_") or "hook" in name.lower()):
-        # canvas.print_png writes files; a module hook patches every module of the process
+            or name.startswith(FRAME_PREFIXES) or "hook" in name.lower()):
+        # a module hook patches every module of the process
         return PROCESS
     return None
 
@@ -372,12 +375,13 @@ class _Check:
         self.found = {}
         self.decorated = set()
         self.harmless = {}  # id of an attribute chain -> its links used only in the harmless ways above
-        self.classes = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
-        self.one_argument_type = set()  # ids of `type` names called as type(x)
-        for node in ast.walk(tree):  # dataclass only as a class statement's decorator
-            for decorator in getattr(node, "decorator_list", []) if isinstance(node, ast.ClassDef) else []:
-                target = decorator.func if isinstance(decorator, ast.Call) else decorator
-                if _last_name(target) == "dataclass":
+        # the cell's own classes: class statements at its top level, by names no import rebinds
+        self.classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)} - self.modules
+        for node in ast.walk(tree):  # dataclass only as a class statement's one decorator: stacked over
+            decorators = node.decorator_list if isinstance(node, ast.ClassDef) else []  # another, or called
+            for decorator in decorators[:1] if len(decorators) == 1 else []:  # on a value, it compiles the
+                target = decorator.func if isinstance(decorator, ast.Call) else decorator  # field names of
+                if _last_name(target) == "dataclass":  # a class made another way into code (exec)
                     self.harmless[id(target)] = {"dataclass"}
                     self.decorated.add(id(target))
         # Top-level statements run in order: a name the cell has certainly bound is its own from then on.
@@ -441,7 +445,8 @@ class _Check:
                 if rule:
                     self.flag(rule, f".{name}", stmt.lineno)
         for base in node.bases:  # only the cell's own classes and a few builtin ones
-            if not (isinstance(base, ast.Name) and base.id in self.classes | OWN_BASES):
+            if not (isinstance(base, ast.Name) and base.id in self.classes | OWN_BASES
+                    and base.id not in self.modules):
                 self.flag(PROCESS, f"class {node.name}(a class not the cell's own)", line)
         for keyword in node.keywords:  # metaclass=...
             self.flag(PROCESS, f"class {node.name}({keyword.arg}=...)", line)
@@ -462,15 +467,16 @@ class _Check:
     # -- names
     def visit_Name(self, node, scope, line):
         name = node.id
+        if name == "dataclass" and name in self.modules and id(node) not in self.decorated and _loads(node):
+            # imported, so not the learner's own: see self.decorated
+            self.flag(PROCESS, "dataclass (other than a class's one decorator)", line, node.col_offset)
         if _private(name):
             self.flag(PROCESS, name, line, node.col_offset)
         elif _loads(node) and name not in scope.own:
             if name in BUILTINS:
                 self.flag(PROCESS, f"{name}()", line, node.col_offset)
-            elif name == "type" and id(node) not in self.one_argument_type:
-                self.flag(PROCESS, "type kept or called (it makes classes)", line, node.col_offset)
             elif name == "dataclass" and id(node) not in self.decorated:
-                self.flag(PROCESS, "dataclass (other than a class's decorator)", line, node.col_offset)
+                self.flag(PROCESS, "dataclass (other than a class's one decorator)", line, node.col_offset)
             elif name == "complex":
                 self.flag(COMPLEX, "complex()", line, node.col_offset)
             elif name in MODULES:
@@ -496,7 +502,7 @@ class _Check:
         harmless = self.harmless.get(id(node), ())
         if chain[-1] == "dataclass" and id(node) not in self.decorated:
             # called on a class made another way, it compiles the field names into code (exec)
-            self.flag(PROCESS, "dataclass (other than a class's decorator)", line, node.col_offset)
+            self.flag(PROCESS, "dataclass (other than a class's one decorator)", line, node.col_offset)
         for k, attr in enumerate(chain[1:] if safe else chain, start=int(safe)):
             rule = None if attr in harmless else _attribute_rule(attr)
             if rule and rule not in seen:
@@ -611,12 +617,15 @@ class _Check:
                 # at the top level or in a class body it is the live namespace, and stays flagged
                 children = children[1:]
 
-        self.allow_type(node.args)  # print(type(x)), isinstance(x, type(y))
+            elif func.id == "type" and (len(node.args) > 1 or node.keywords or any(
+                    isinstance(a, ast.Starred) for a in node.args)):
+                self.flag(PROCESS, "type(name, bases, dict)", line)  # a class from strings, dunders included
         if isinstance(func, ast.Call) and getattr(func.func, "id", None) == "type":
             self.flag(PROCESS, "type(x)(...): a class made from x's", line)  # type(int)("C", (), {...})
         name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-        if isinstance(func, ast.Attribute) and len(node.args) == 1 and not node.keywords:
-            arg, owner = node.args[0], func.value
+        given = [*node.args, *(k.value for k in node.keywords if k.arg == "style")]
+        if isinstance(func, ast.Attribute) and len(given) == 1 and len(node.args) + len(node.keywords) == 1:
+            arg, owner = given[0], func.value
             if (name == "update" and _last_name(owner) == "rcParams" and isinstance(arg, ast.Dict)
                     and all(SAFE_SETTINGS.match(_text(k) or "") for k in arg.keys)):
                 self.harmless[id(func)] = {"rcParams"}
@@ -633,22 +642,6 @@ class _Check:
             if name == "view" and any(map(_is_dtype, node.args)):  # a tensor's bytes read as another type
                 self.flag(PROCESS, ".view(dtype)", line)
         return children
-
-    def allow_type(self, nodes):
-        """type(x) read where its result is only looked at (an argument, a comparison, an f-string): kept
-        in a variable, it can be called to make classes, dunders and library bases included."""
-        for node in nodes:
-            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "type" and not node.keywords
-                    and len(node.args) == 1 and not isinstance(node.args[0], ast.Starred)):
-                self.one_argument_type.add(id(node.func))
-
-    def visit_Compare(self, node, scope, line):
-        self.allow_type([node.left, *node.comparators])
-        return [(c, scope) for c in ast.iter_child_nodes(node)]
-
-    def visit_FormattedValue(self, node, scope, line):
-        self.allow_type([node.value])
-        return [(c, scope) for c in ast.iter_child_nodes(node)]
 
     def ipython_escape(self, node):
         """For get_ipython().system/getoutput/run_*_magic(...): "" when allowed, else the escape as the
