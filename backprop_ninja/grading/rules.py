@@ -377,11 +377,13 @@ class _Check:
         self.harmless = {}  # id of an attribute chain -> its links used only in the harmless ways above
         # the cell's own classes: class statements at its top level, by names no import rebinds
         self.classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)} - self.modules
-        for node in ast.walk(tree):  # dataclass only as a class statement's one decorator: stacked over
-            decorators = node.decorator_list if isinstance(node, ast.ClassDef) else []  # another, or called
-            for decorator in decorators[:1] if len(decorators) == 1 else []:  # on a value, it compiles the
-                target = decorator.func if isinstance(decorator, ast.Call) else decorator  # field names of
-                if _last_name(target) == "dataclass":  # a class made another way into code (exec)
+        # dataclass only as a class statement's one decorator: stacked over another, or called on a value,
+        # it compiles the field names of a class made another way into code (exec)
+        for node in ast.walk(tree):
+            decorators = node.decorator_list if isinstance(node, ast.ClassDef) else []
+            if len(decorators) == 1:
+                target = decorators[0].func if isinstance(decorators[0], ast.Call) else decorators[0]
+                if _last_name(target) == "dataclass":
                     self.harmless[id(target)] = {"dataclass"}
                     self.decorated.add(id(target))
         # Top-level statements run in order: a name the cell has certainly bound is its own from then on.
