@@ -261,7 +261,7 @@ def _is_dtype(node):
     """A dtype written out: a string, torch.float64 / np.float32 ..., or a builtin such as float."""
     if _text(node) is not None:
         return True
-    name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
+    name = _last_name(node)
     return bool(name and DTYPE_NAME.match(name) and (isinstance(node, ast.Attribute) or name in
                                                      ("float", "int", "bool", "complex")))
 
@@ -384,7 +384,6 @@ class _Check:
             if len(decorators) == 1:
                 target = decorators[0].func if isinstance(decorators[0], ast.Call) else decorators[0]
                 if _last_name(target) == "dataclass":
-                    self.harmless[id(target)] = {"dataclass"}
                     self.decorated.add(id(target))
         # Top-level statements run in order: a name the cell has certainly bound is its own from then on.
         # Inside a def it never is (the def may be called after the name is rebound), unless local there.
@@ -469,16 +468,14 @@ class _Check:
     # -- names
     def visit_Name(self, node, scope, line):
         name = node.id
-        if name == "dataclass" and name in self.modules and id(node) not in self.decorated and _loads(node):
-            # imported, so not the learner's own: see self.decorated
+        if (name == "dataclass" and _loads(node) and id(node) not in self.decorated
+                and (name in self.modules or name not in scope.own)):  # imported, it is not the learner's own
             self.flag(PROCESS, "dataclass (other than a class's one decorator)", line, node.col_offset)
         if _private(name):
             self.flag(PROCESS, name, line, node.col_offset)
         elif _loads(node) and name not in scope.own:
             if name in BUILTINS:
                 self.flag(PROCESS, f"{name}()", line, node.col_offset)
-            elif name == "dataclass" and id(node) not in self.decorated:
-                self.flag(PROCESS, "dataclass (other than a class's one decorator)", line, node.col_offset)
             elif name == "complex":
                 self.flag(COMPLEX, "complex()", line, node.col_offset)
             elif name in MODULES:
@@ -618,7 +615,6 @@ class _Check:
                 # a function's locals() is a copy of its own variables (collect_gradients(locals()));
                 # at the top level or in a class body it is the live namespace, and stays flagged
                 children = children[1:]
-
             elif func.id == "type" and (len(node.args) > 1 or node.keywords or any(
                     isinstance(a, ast.Starred) for a in node.args)):
                 self.flag(PROCESS, "type(name, bases, dict)", line)  # a class from strings, dunders included
@@ -640,9 +636,8 @@ class _Check:
                     self.flag(COMPLEX, f"{name}({text!r})", line)
         if name == "pow" and len(node.args) >= 2 and _makes_complex(*node.args[:2]):
             self.flag(COMPLEX, "pow(a negative number, a fraction)", line)
-        if isinstance(func, ast.Attribute):
-            if name == "view" and any(map(_is_dtype, node.args)):  # a tensor's bytes read as another type
-                self.flag(PROCESS, ".view(dtype)", line)
+        if isinstance(func, ast.Attribute) and name == "view" and any(map(_is_dtype, node.args)):
+            self.flag(PROCESS, ".view(dtype)", line)  # a tensor's bytes read as another type
         return children
 
     def ipython_escape(self, node):
