@@ -72,8 +72,7 @@ class Kernel:
         self.box.close()
 
 
-# add_key(2)'s system call number, by machine; the key a grader's session holds in the tests.
-ADD_KEY_SYSCALL = {"x86_64": 248, "aarch64": 217, "riscv64": 217}
+# the key a grader's session holds in the tests
 GRADER_KEY = b"backprop-ninja-test:grader-token"
 KEY_SPEC_SESSION_KEYRING = -3
 
@@ -81,15 +80,13 @@ KEY_SPEC_SESSION_KEYRING = -3
 def _grader_holds_a_key() -> bool:
     """Give this (the grader's) process a session keyring holding a key, as a systemd service or a login
     session has; False where keyctl is unknown or refused (then no box can reach keys either)."""
-    machine = platform.machine()
-    if machine not in ADD_KEY_SYSCALL:
+    calls = sandbox.KEYRING_CALLS.get(platform.machine())
+    if calls is None:
         return False
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(sandbox.KEYCTL_SYSCALL[machine], sandbox.KEYCTL_JOIN_SESSION_KEYRING,
-                    b"backprop-ninja-test") < 0:
+    if libc.syscall(calls.keyctl, sandbox.KEYCTL_JOIN_SESSION_KEYRING, b"backprop-ninja-test") < 0:
         return False
-    return libc.syscall(ADD_KEY_SYSCALL[machine], b"user", GRADER_KEY, b"secret", 6,
-                        KEY_SPEC_SESSION_KEYRING) >= 0
+    return libc.syscall(calls.add_key, b"user", GRADER_KEY, b"secret", 6, KEY_SPEC_SESSION_KEYRING) >= 0
 
 
 @pytest.fixture(scope="module")
@@ -150,17 +147,18 @@ def test_it_inherits_none_of_the_graders_environment(kernel):
 def test_it_cannot_reach_the_graders_keys(kernel):
     if not kernel.grader_key:
         pytest.skip("keyctl is unknown or refused on this machine: no process here can hold a key")
-    machine = platform.machine()
-    found = kernel.value(f"__import__('ctypes').CDLL(None).syscall({sandbox.KEYCTL_SYSCALL[machine]}, 10, "
+    keyctl = sandbox.KEYRING_CALLS[platform.machine()].keyctl
+    found = kernel.value(f"__import__('ctypes').CDLL(None).syscall({keyctl}, 10, "
                          f"{KEY_SPEC_SESSION_KEYRING}, b'user', {GRADER_KEY!r}, 0)")
     assert found == -1  # KEYCTL_SEARCH of its session keyring: the grader's key is not there
 
 
 def test_it_cannot_make_a_key_for_another_box(kernel):
     machine = platform.machine()
-    if machine not in sandbox.SECCOMP:
+    if machine not in sandbox.KEYRING_CALLS:
         pytest.skip(f"no seccomp filter is written for {machine}")
-    add_key = f"{ADD_KEY_SYSCALL[machine]}, b'user', b'from-a-box', b'x', 1, {KEY_SPEC_SESSION_KEYRING}"
+    calls = sandbox.KEYRING_CALLS[machine]
+    add_key = f"{calls.add_key}, b'user', b'from-a-box', b'x', 1, {KEY_SPEC_SESSION_KEYRING}"
     made = kernel.value(f"(lambda c: (c.CDLL(None, use_errno=True).syscall({add_key}), c.get_errno()))"
                         "(__import__('ctypes'))")
     assert made == (-1, 1)  # add_key: EPERM, refused by the box's seccomp filter

@@ -58,6 +58,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from backprop_ninja import UserError
 
@@ -187,8 +188,19 @@ def _package_view(package: Path) -> list[str]:
     return args
 
 
-# keyctl(2)'s system call number, by machine (Python has no binding for it).
-KEYCTL_SYSCALL = {"x86_64": 250, "aarch64": 219, "riscv64": 219}
+class KeyringCalls(NamedTuple):
+    """A machine's system call ABI (AUDIT_ARCH_*) and the kernel keyring's system call numbers there
+    (Python has no binding for them)."""
+
+    arch: int
+    add_key: int
+    request_key: int
+    keyctl: int
+
+
+KEYRING_CALLS = {"x86_64": KeyringCalls(0xC000003E, 248, 249, 250),
+                 "aarch64": KeyringCalls(0xC00000B7, 217, 218, 219),
+                 "riscv64": KeyringCalls(0xC00000F3, 217, 218, 219)}
 KEYCTL_JOIN_SESSION_KEYRING = 1
 
 
@@ -197,9 +209,9 @@ def _own_session_keyring() -> None:
     kernel keyring is not namespaced, so any key a grader's session holds would be the box's to read,
     change and pass to another student's kernel. Where keyctl is unknown or refused (a seccomp
     profile), the box cannot reach keys either, so there is nothing to do."""
-    number = KEYCTL_SYSCALL.get(platform.machine())
-    if number is not None:
-        ctypes.CDLL(None, use_errno=True).syscall(number, KEYCTL_JOIN_SESSION_KEYRING, None)
+    calls = KEYRING_CALLS.get(platform.machine())
+    if calls is not None:
+        ctypes.CDLL(None, use_errno=True).syscall(calls.keyctl, KEYCTL_JOIN_SESSION_KEYRING, None)
 
 
 def _memory_cgroups() -> tuple[Path, str] | None:
@@ -255,6 +267,9 @@ def _memory_cgroup(name: str, limit: int) -> Path | None:
     folder = parent / f"backprop-ninja-{name}"
     try:
         folder.mkdir()
+    except OSError:
+        return None
+    try:
         (folder / cap).write_text(str(limit))
     except OSError:
         _remove_cgroup(folder)
@@ -287,19 +302,17 @@ def _remove_cgroup(folder: Path) -> None:
             time.sleep(0.02)
 
 
-# The seccomp filter, by machine: its system call ABI (AUDIT_ARCH_*) and the keyring's calls there
-# (add_key, request_key, keyctl). A classic BPF program of eleven instructions, written out here:
-# libseccomp's own Python bindings are not on PyPI (pyseccomp, a ctypes wrapper of them, was last released
-# in January 2021), and this one rule needs no more.
-SECCOMP = {"x86_64": (0xC000003E, (248, 249, 250)), "aarch64": (0xC00000B7, (217, 218, 219))}
+# The seccomp filter refuses the keyring's calls (KEYRING_CALLS). A classic BPF program of eleven
+# instructions, written out here: libseccomp's own Python bindings are not on PyPI (pyseccomp, a ctypes
+# wrapper of them, was last released in January 2021), and this one rule needs no more.
 X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 ABI: the same calls under other numbers
 
 
 def _seccomp_filter() -> bytes | None:
     """The filter bwrap loads (``--seccomp FD``): struct sock_filter {u16 code; u8 jt, jf; u32 k}[]."""
-    if platform.machine() not in SECCOMP:
+    if platform.machine() not in KEYRING_CALLS:
         return None
-    arch, (add_key, request_key, keyctl) = SECCOMP[platform.machine()]
+    arch, add_key, request_key, keyctl = KEYRING_CALLS[platform.machine()]
     load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
     refuse, allow = 0x00050000 | errno.EPERM, 0x7FFF0000  # SECCOMP_RET_ERRNO | EPERM, SECCOMP_RET_ALLOW
     program = [(load, 0, 0, 4),                # seccomp_data.arch
